@@ -1,0 +1,93 @@
+//! aarch64 syscall numbers (asm-generic) and raw syscalls.
+
+/// Syscall numbers used by pdump and its blobs.
+#[allow(missing_docs)]
+pub mod nr {
+    pub const READ: u64 = 63;
+    pub const WRITE: u64 = 64;
+    pub const CLOSE: u64 = 57;
+    pub const MMAP: u64 = 222;
+    pub const MPROTECT: u64 = 226;
+    pub const MUNMAP: u64 = 215;
+    pub const RT_SIGACTION: u64 = 134;
+    pub const RT_SIGPROCMASK: u64 = 135;
+    pub const RT_SIGRETURN: u64 = 139;
+    pub const SCHED_YIELD: u64 = 124;
+    pub const MREMAP: u64 = 216;
+    pub const MADVISE: u64 = 233;
+    pub const GETITIMER: u64 = 102;
+    pub const GETPID: u64 = 172;
+    pub const EXIT: u64 = 93;
+    pub const KILL: u64 = 129;
+    pub const FCNTL: u64 = 25;
+    pub const GETPPID: u64 = 173;
+    pub const SIGALTSTACK: u64 = 132;
+    pub const PRCTL: u64 = 167;
+    pub const GETTID: u64 = 178;
+    pub const FUTEX: u64 = 98;
+    pub const RESTART_SYSCALL: u64 = 128;
+    pub const TIMER_GETTIME: u64 = 108;
+    pub const TIMER_GETOVERRUN: u64 = 109;
+    pub const EXIT_GROUP: u64 = 94;
+    pub const TGKILL: u64 = 131;
+    pub const VMSPLICE: u64 = 75;
+    pub const PIPE2: u64 = 59;
+    pub const PIDFD_OPEN: u64 = 434;
+}
+
+/// Raw syscall with up to six arguments.
+///
+/// # Safety
+/// The caller upholds the contract of syscall `nr`.
+#[inline(always)]
+pub unsafe fn syscall6(nr: u64, a: [u64; 6]) -> i64 {
+    let ret: i64;
+    // SAFETY: `svc #0` clobbers nothing but x0; the caller vouches for the arguments.
+    unsafe {
+        core::arch::asm!(
+            "svc #0",
+            in("x8") nr,
+            inlateout("x0") a[0] as i64 => ret,
+            in("x1") a[1], in("x2") a[2], in("x3") a[3], in("x4") a[4], in("x5") a[5],
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// Jump into `rt_sigreturn` with the frame at `frame`. Never returns.
+///
+/// # Safety
+/// `frame` must point at a complete, valid `rt_sigframe` for this task.
+#[inline(always)]
+pub unsafe fn sigreturn(frame: u64) -> ! {
+    // SAFETY: the caller guarantees the frame; the kernel replaces every register.
+    unsafe {
+        core::arch::asm!(
+            "mov sp, {sp}",
+            "mov x8, #139",
+            "svc #0",
+            "brk #0",
+            sp = in(reg) frame,
+            options(noreturn),
+        );
+    }
+}
+
+/// Emit the aarch64 entry trampoline (x0 = control block, sp = stack top).
+#[macro_export]
+macro_rules! blob_entry {
+    ($main:ident) => {
+        core::arch::global_asm!(
+            ".pushsection .text.entry, \"ax\"",
+            ".globl pdump_blob_entry",
+            "pdump_blob_entry:",
+            "mov x9, sp",
+            "and x9, x9, #~15",
+            "mov sp, x9",
+            concat!("bl ", stringify!($main)),
+            "brk #1",
+            ".popsection",
+        );
+    };
+}

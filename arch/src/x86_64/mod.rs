@@ -1,0 +1,92 @@
+//! x86_64: the one architecture built and tested on this machine.
+
+pub mod entry;
+pub mod frame;
+pub mod regs;
+pub mod stub;
+pub mod syscall;
+
+pub use regs::UserRegs;
+
+use crate::{Arch, SyscallArgs};
+
+/// The x86_64 implementation of [`Arch`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Impl;
+
+/// `-ERESTARTSYS` and friends, as seen in `rax` of a task stopped in a syscall.
+pub const ERESTARTSYS: i64 = 512;
+/// Restart only if no handler ran.
+pub const ERESTARTNOINTR: i64 = 513;
+/// Restart if no handler; `-EINTR` otherwise.
+pub const ERESTARTNOHAND: i64 = 514;
+/// Restart through `restart_syscall` and the task's restart block.
+pub const ERESTART_RESTARTBLOCK: i64 = 516;
+
+impl Arch for Impl {
+    type Regs = UserRegs;
+    const NAME: &'static str = "x86_64";
+    const ELF_MACHINE: u16 = 62; // EM_X86_64
+    const FP_REGSET: u32 = 0x202; // NT_X86_XSTATE
+    const SYSCALL_STUB: &'static [u8] = &stub::SYSCALL_STUB;
+    const STUB_AFTER_SYSCALL: usize = 2;
+    const NR_RT_SIGRETURN: u64 = syscall::nr::RT_SIGRETURN;
+    const NR_RESTART_SYSCALL: u64 = syscall::nr::RESTART_SYSCALL;
+
+    fn ip(r: &UserRegs) -> u64 {
+        r.rip
+    }
+    fn set_ip(r: &mut UserRegs, ip: u64) {
+        r.rip = ip;
+    }
+    fn sp(r: &UserRegs) -> u64 {
+        r.rsp
+    }
+    fn set_sp(r: &mut UserRegs, sp: u64) {
+        r.rsp = sp;
+    }
+    fn tls(r: &UserRegs) -> u64 {
+        r.fs_base
+    }
+    fn set_syscall(r: &mut UserRegs, c: &SyscallArgs) {
+        r.rax = c.nr;
+        r.rdi = c.args[0];
+        r.rsi = c.args[1];
+        r.rdx = c.args[2];
+        r.r10 = c.args[3];
+        r.r8 = c.args[4];
+        r.r9 = c.args[5];
+        r.orig_rax = u64::MAX;
+    }
+    fn syscall_ret(r: &UserRegs) -> i64 {
+        r.rax as i64
+    }
+    fn set_entry_arg(r: &mut UserRegs, arg: u64) {
+        r.rdi = arg;
+    }
+    fn interrupted_syscall(r: &UserRegs) -> Option<u64> {
+        if (r.orig_rax as i64) < 0 {
+            return None;
+        }
+        match -(r.rax as i64) {
+            ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK => {
+                Some(r.orig_rax)
+            }
+            _ => None,
+        }
+    }
+    fn apply_restart(r: &mut UserRegs) {
+        if let Some(nr) = Self::interrupted_syscall(r) {
+            r.rax = if -(r.rax as i64) == ERESTART_RESTARTBLOCK {
+                syscall::nr::RESTART_SYSCALL
+            } else {
+                nr
+            };
+            r.rip -= 2; // back onto the `syscall` instruction
+        }
+        r.orig_rax = u64::MAX;
+    }
+    fn clear_syscall(r: &mut UserRegs) {
+        r.orig_rax = u64::MAX;
+    }
+}

@@ -1,0 +1,254 @@
+//! The dump-time parasite: runs inside a frozen task, serves the dumper's
+//! commands over the shared area, and cures the task on its own if the dumper
+//! dies. No allocation, no std, no floating point (the target's FPU state is
+//! left untouched).
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+
+use pdump_arch::native::syscall::{nr, sigreturn, syscall6};
+use pdump_parasite::{cmd, state, Control, Misc, TimerVal, Layout, MAX_PIPES};
+
+pdump_arch::blob_entry!(blob_main);
+
+const EINTR: i64 = 4;
+const EAGAIN: i64 = 11;
+const ESRCH: i64 = 3;
+const O_CLOEXEC: u64 = 0o2000000;
+const F_SETPIPE_SZ: u64 = 1031;
+const FUTEX_WAKE: u64 = 1;
+
+#[inline(always)]
+fn sys(n: u64, a: &[u64]) -> i64 {
+    let mut args = [0u64; 6];
+    args[..a.len()].copy_from_slice(a);
+    // SAFETY: every call site passes pointers into the shared area (mapped
+    // for the blob's whole life) or plain integers.
+    unsafe { syscall6(n, args) }
+}
+
+fn wake(word: &core::sync::atomic::AtomicU32) {
+    sys(nr::FUTEX, &[word as *const _ as u64, FUTEX_WAKE, i32::MAX as u64]);
+}
+
+/// Close every fd the blob still holds.
+fn close_all(ctl: &Control) {
+    for fd in [&ctl.cmd_rfd, &ctl.cmd_wfd] {
+        let f = fd.swap(-1, SeqCst);
+        if f >= 0 {
+            sys(nr::CLOSE, &[f as u64]);
+        }
+    }
+    close_pipes(ctl);
+}
+
+fn close_pipes(ctl: &Control) {
+    for p in ctl.pipe_fds.iter() {
+        for fd in p.iter() {
+            let f = fd.swap(-1, SeqCst);
+            if f >= 0 {
+                sys(nr::CLOSE, &[f as u64]);
+            }
+        }
+    }
+    ctl.npipes.store(0, SeqCst);
+}
+
+/// The dumper is gone: close our fds and return into the task's own state.
+fn self_cure(ctl: &Control) -> ! {
+    ctl.state.store(state::SELF_CURE, SeqCst);
+    close_all(ctl);
+    // SAFETY: the dumper wrote a complete rt_sigframe with the task's original
+    // registers, xstate, mask and altstack at `cure_frame` before starting us.
+    unsafe { sigreturn(ctl.cure_frame) }
+}
+
+fn data<T>(ctl: &Control) -> *mut T {
+    let l = Layout::new((ctl as *const Control as u64 - ctl.area_addr) as usize);
+    debug_assert!(l.ctl_off as u64 == ctl as *const Control as u64 - ctl.area_addr);
+    (ctl.area_addr + l.data_off as u64) as *mut T
+}
+
+fn do_misc(ctl: &Control) -> i64 {
+    // SAFETY: the data buffer is DATA_BYTES long, Misc fits (checked at compile
+    // time in the protocol crate), and only this thread touches it during the command.
+    let m: &mut Misc = unsafe { &mut *data::<Misc>(ctl) };
+    for sig in 1..=64u64 {
+        let i = (sig - 1) as usize;
+        m.sigaction_ret[i] =
+            sys(nr::RT_SIGACTION, &[sig, 0, &mut m.sigactions[i] as *mut _ as u64, 8]);
+    }
+    for (which, t) in m.itimers.iter_mut().enumerate() {
+        let r = sys(nr::GETITIMER, &[which as u64, t as *mut TimerVal as u64]);
+        if r < 0 {
+            return r;
+        }
+    }
+    let mut ss = [0u64; 3];
+    let r = sys(nr::SIGALTSTACK, &[0, ss.as_mut_ptr() as u64]);
+    if r < 0 {
+        return r;
+    }
+    m.altstack = ss;
+    let n = (m.ntimers as usize).min(m.timer_ids.len());
+    for i in 0..n {
+        let id = m.timer_ids[i] as u64;
+        let r = sys(nr::TIMER_GETTIME, &[id, &mut m.timers[i] as *mut TimerVal as u64]);
+        if r < 0 {
+            return r;
+        }
+        m.timer_overrun[i] = sys(nr::TIMER_GETOVERRUN, &[id]);
+    }
+    0
+}
+
+fn do_pipes(ctl: &Control, n: u64, size: u64) -> i64 {
+    if n as usize > MAX_PIPES {
+        return -22;
+    }
+    close_pipes(ctl);
+    for i in 0..n as usize {
+        let mut fds = [0i32; 2];
+        let r = sys(nr::PIPE2, &[fds.as_mut_ptr() as u64, O_CLOEXEC]);
+        if r < 0 {
+            return r;
+        }
+        ctl.pipe_fds[i][0].store(fds[0], SeqCst);
+        ctl.pipe_fds[i][1].store(fds[1], SeqCst);
+        ctl.npipes.store(i as u32 + 1, SeqCst);
+        if size > 0 {
+            let r = sys(nr::FCNTL, &[fds[1] as u64, F_SETPIPE_SZ, size]);
+            if r < 0 {
+                return r;
+            }
+        }
+    }
+    0
+}
+
+#[repr(C)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+fn do_vmsplice(ctl: &Control, pipe: u64, niov: u64) -> i64 {
+    if pipe >= ctl.npipes.load(SeqCst) as u64 || niov as usize > pdump_parasite::MAX_IOVS {
+        return -22;
+    }
+    let fd = ctl.pipe_fds[pipe as usize][1].load(SeqCst) as u64;
+    let iov = data::<Iovec>(ctl);
+    let mut idx = 0usize;
+    let mut total: i64 = 0;
+    while idx < niov as usize {
+        // SAFETY: idx < niov <= MAX_IOVS, inside the data buffer.
+        let cur = unsafe { iov.add(idx) };
+        let cnt = (niov as usize - idx).min(1024);
+        let r = sys(nr::VMSPLICE, &[fd, cur as u64, cnt as u64, 0]);
+        if r == -EINTR || r == -EAGAIN {
+            continue;
+        }
+        if r < 0 {
+            return r;
+        }
+        total += r;
+        // Advance over what was taken, possibly partway into an iovec.
+        let mut left = r as u64;
+        while left > 0 {
+            // SAFETY: as above; we only walk iovecs the dumper wrote.
+            let v = unsafe { &mut *iov.add(idx) };
+            if left >= v.len {
+                left -= v.len;
+                idx += 1;
+            } else {
+                v.base += left;
+                v.len -= left;
+                left = 0;
+            }
+        }
+        // Skip empty iovecs so a zero-length tail cannot stall the loop.
+        // SAFETY: bounds checked by the loop condition.
+        while idx < niov as usize && unsafe { (*iov.add(idx)).len } == 0 {
+            idx += 1;
+        }
+    }
+    total
+}
+
+/// The blob's main function, entered from the arch trampoline with the
+/// control block's address.
+#[no_mangle]
+pub extern "C" fn blob_main(ctl: *mut Control) -> ! {
+    // SAFETY: the dumper passes the address of the control block inside the
+    // shared area, which stays mapped until the blob is gone.
+    let ctl: &Control = unsafe { &*ctl };
+    CTL.store(ctl as *const Control as u64, SeqCst);
+
+    // Handshake: create the command pipe, let the dumper take the write end.
+    let mut fds = [0i32; 2];
+    if sys(nr::PIPE2, &[fds.as_mut_ptr() as u64, O_CLOEXEC]) < 0 {
+        self_cure(ctl);
+    }
+    ctl.cmd_rfd.store(fds[0], SeqCst);
+    ctl.cmd_wfd.store(fds[1], SeqCst);
+    ctl.state.store(state::READY, Release);
+    wake(&ctl.state);
+    // Spin (no sleeping syscall that could clobber the task's restart block)
+    // until the dumper took the write end or is gone.
+    while ctl.state.load(Acquire) != state::TAKEN {
+        if sys(nr::KILL, &[ctl.dumper_pid as u64, 0]) == -ESRCH {
+            self_cure(ctl);
+        }
+        sys(nr::SCHED_YIELD, &[]);
+    }
+    let w = ctl.cmd_wfd.swap(-1, SeqCst);
+    sys(nr::CLOSE, &[w as u64]);
+    ctl.state.store(state::SERVING, Release);
+
+    loop {
+        let mut b = 0u8;
+        let r = sys(nr::READ, &[ctl.cmd_rfd.load(Relaxed) as u64, &mut b as *mut u8 as u64, 1]);
+        if r == -EINTR {
+            continue;
+        }
+        if r <= 0 {
+            self_cure(ctl); // EOF: the dumper died
+        }
+        let seq = ctl.cmd_seq.load(Acquire);
+        let a = |i: usize| ctl.args[i].load(Relaxed);
+        let ret = match ctl.cmd.load(Acquire) {
+            cmd::NOP => 0,
+            cmd::SYSCALL => sys(a(0), &[a(1), a(2), a(3), a(4), a(5), a(6)]),
+            cmd::MISC => do_misc(ctl),
+            cmd::PIPES => do_pipes(ctl, a(0), a(1)),
+            cmd::VMSPLICE => do_vmsplice(ctl, a(0), a(1)),
+            cmd::FINI => {
+                close_pipes(ctl);
+                0
+            }
+            _ => -38, // ENOSYS
+        };
+        ctl.ret.store(ret as u64, Relaxed);
+        ctl.done_seq.store(seq, Release);
+        wake(&ctl.done_seq);
+    }
+}
+
+/// The control block, for the panic handler.
+static CTL: AtomicU64 = AtomicU64::new(0);
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // A bug in the blob must not leave the task stuck or with a changed
+    // signal disposition (a trap would reset it): cure the task instead.
+    let c = CTL.load(SeqCst);
+    if c != 0 {
+        // SAFETY: CTL is set to the control block once, at entry.
+        self_cure(unsafe { &*(c as *const Control) });
+    }
+    loop {
+        sys(nr::EXIT, &[127]);
+    }
+}

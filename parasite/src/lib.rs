@@ -1,0 +1,201 @@
+//! The command protocol shared by pdump's host side and its parasite blob.
+//!
+//! The dumper maps one shared-memory area into the target and into itself.
+//! Both sides address it only through this module, so the two can never
+//! disagree on an offset:
+//!
+//! ```text
+//!   area + 0           blob: text, rodata, data, bss (relocated by the dumper)
+//!   area + ctl_off     Control: command slot, futex words, fds the blob holds
+//!   area + frame_off   the cure frame (rt_sigframe + full xstate) the blob
+//!                      returns through when the dumper dies
+//!   area + data_off    data buffer: iovecs in, gathered state out
+//!   area + stack_off   the blob's stack (grows down from area + size)
+//! ```
+//!
+//! Commands: the dumper fills [`Control::cmd`] and [`Control::args`], bumps
+//! [`Control::cmd_seq`] and writes one byte into the command pipe; the blob
+//! reads the byte, runs the command, stores the result, publishes
+//! `done_seq = cmd_seq` and wakes the futex on it. The dumper holds the only
+//! write end of the command pipe, so when the dumper dies the blob reads EOF
+//! and cures the task by itself.
+#![no_std]
+#![warn(missing_docs)]
+
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
+
+/// "PDPARAS1"
+pub const CTL_MAGIC: u64 = 0x3153_4152_4150_4450;
+/// Protocol version; the host refuses a blob of another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Page size of the area layout.
+pub const PAGE: usize = 4096;
+/// Bytes reserved for the cure frame (an x86 AMX xstate is ~11 KiB).
+pub const FRAME_BYTES: usize = 16 * 1024;
+/// Bytes of the data buffer.
+pub const DATA_BYTES: usize = 256 * 1024;
+/// Bytes of the blob's stack.
+pub const STACK_BYTES: usize = 64 * 1024;
+/// Most fds the blob may hold at once (command pipe + page pipes).
+pub const MAX_FDS: usize = 34;
+/// Most page pipes.
+pub const MAX_PIPES: usize = 16;
+/// Most POSIX timers queried by one `CMD_MISC`.
+pub const MAX_TIMERS: usize = 64;
+/// Most iovecs per `CMD_VMSPLICE` (they live in the data buffer).
+pub const MAX_IOVS: usize = DATA_BYTES / 16;
+
+/// Handshake states in [`Control::state`].
+pub mod state {
+    /// The dumper wrote the control block; the blob has not run yet.
+    pub const LOADED: u32 = 0;
+    /// The blob created the command pipe and published its fds.
+    pub const READY: u32 = 1;
+    /// The dumper took the write end; the blob closes its copy.
+    pub const TAKEN: u32 = 2;
+    /// The blob serves commands.
+    pub const SERVING: u32 = 3;
+    /// The blob is curing the task on its own (the dumper is gone).
+    pub const SELF_CURE: u32 = 4;
+}
+
+/// Commands.
+pub mod cmd {
+    /// Do nothing; answers with 0 (liveness check).
+    pub const NOP: u32 = 0;
+    /// Run syscall `args[0]` with `args[1..7]`; the result is the raw return value.
+    pub const SYSCALL: u32 = 1;
+    /// Gather signal actions, itimers, the leader's altstack and POSIX timers into [`crate::Misc`].
+    pub const MISC: u32 = 2;
+    /// Create `args[0]` page pipes of `args[1]` bytes each; fds go to [`crate::Control::pipe_fds`].
+    pub const PIPES: u32 = 3;
+    /// vmsplice `args[1]` iovecs from the data buffer into page pipe `args[0]`.
+    /// The result is the number of bytes moved (or -errno).
+    pub const VMSPLICE: u32 = 4;
+    /// Close the page pipes; the blob then waits to be stopped by the dumper.
+    pub const FINI: u32 = 5;
+}
+
+/// The control block at `area + ctl_off`.
+#[repr(C)]
+pub struct Control {
+    /// [`CTL_MAGIC`]
+    pub magic: u64,
+    /// [`PROTOCOL_VERSION`]
+    pub version: u32,
+    /// Handshake state (futex word), see [`state`].
+    pub state: AtomicU32,
+    /// The dumper's pid, watched during the handshake.
+    pub dumper_pid: i32,
+    /// Command sequence number, bumped by the dumper per command.
+    pub cmd_seq: AtomicU32,
+    /// Last finished command (futex word the dumper waits on).
+    pub done_seq: AtomicU32,
+    /// The command, see [`cmd`].
+    pub cmd: AtomicU32,
+    /// Command arguments.
+    pub args: [AtomicU64; 8],
+    /// Command result (`-errno` on failure).
+    pub ret: AtomicU64,
+    /// Address (in the task) of the cure frame.
+    pub cure_frame: u64,
+    /// Address (in the task) of the area.
+    pub area_addr: u64,
+    /// Size of the area.
+    pub area_size: u64,
+    /// Read end of the command pipe (in the task's fd table).
+    pub cmd_rfd: AtomicI32,
+    /// Write end of the command pipe, until the dumper took it.
+    pub cmd_wfd: AtomicI32,
+    /// Page pipe fds: `[read, write]` per pipe.
+    pub pipe_fds: [[AtomicI32; 2]; MAX_PIPES],
+    /// Number of page pipes.
+    pub npipes: AtomicU32,
+}
+
+/// The kernel's `struct sigaction` as `rt_sigaction` exchanges it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KSigaction {
+    /// Handler address, or 0 (SIG_DFL) / 1 (SIG_IGN).
+    pub handler: u64,
+    /// SA_* flags.
+    pub flags: u64,
+    /// Restorer (SA_RESTORER).
+    pub restorer: u64,
+    /// Blocked during the handler.
+    pub mask: u64,
+}
+
+/// `struct itimerval` / `struct itimerspec` as four words.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimerVal {
+    /// Interval seconds.
+    pub interval_sec: i64,
+    /// Interval micro- (itimer) or nanoseconds (POSIX timer).
+    pub interval_sub: i64,
+    /// Value seconds.
+    pub value_sec: i64,
+    /// Value micro- (itimer) or nanoseconds (POSIX timer).
+    pub value_sub: i64,
+}
+
+/// What `CMD_MISC` gathers, at `area + data_off`. The dumper fills
+/// `timer_ids`/`ntimers` before the command.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Misc {
+    /// Signal actions of signals 1..=64 (index 0 is signal 1).
+    pub sigactions: [KSigaction; 64],
+    /// Result of each `rt_sigaction` (0 or -errno; SIGKILL/SIGSTOP give -EINVAL).
+    pub sigaction_ret: [i64; 64],
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
+    pub itimers: [TimerVal; 3],
+    /// The calling thread's alternate signal stack: sp, flags, size.
+    pub altstack: [u64; 3],
+    /// Number of POSIX timers asked for.
+    pub ntimers: u32,
+    /// Padding.
+    pub _pad: u32,
+    /// POSIX timer ids to query.
+    pub timer_ids: [i32; MAX_TIMERS],
+    /// `timer_gettime` results.
+    pub timers: [TimerVal; MAX_TIMERS],
+    /// `timer_getoverrun` results.
+    pub timer_overrun: [i64; MAX_TIMERS],
+}
+
+/// Where each part of the area lives, computed identically on both sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Offset of [`Control`].
+    pub ctl_off: usize,
+    /// Offset of the cure frame.
+    pub frame_off: usize,
+    /// Offset of the data buffer.
+    pub data_off: usize,
+    /// Offset of the stack's lowest byte.
+    pub stack_off: usize,
+    /// Total size of the area.
+    pub size: usize,
+}
+
+const fn page_up(n: usize) -> usize {
+    (n + PAGE - 1) & !(PAGE - 1)
+}
+
+impl Layout {
+    /// The layout for a blob whose loaded image (with bss) is `blob_len` bytes.
+    pub const fn new(blob_len: usize) -> Layout {
+        let ctl_off = page_up(blob_len);
+        let frame_off = ctl_off + page_up(core::mem::size_of::<Control>());
+        let data_off = frame_off + FRAME_BYTES;
+        let stack_off = data_off + DATA_BYTES;
+        let size = stack_off + STACK_BYTES;
+        Layout { ctl_off, frame_off, data_off, stack_off, size }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<Misc>() <= DATA_BYTES);

@@ -1,0 +1,2 @@
+//! pdump library.
+pub mod blob;
