@@ -1,1 +1,85 @@
-fn main() {}
+//! The `pdump` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// Checkpoint/restore for Linux process trees.
+#[derive(Parser, Debug)]
+#[command(name = "pdump", version, about, args_conflicts_with_subcommands = true)]
+struct Args {
+    /// Short form: dump PID into ./pdump-PID and leave it running.
+    pid: Option<i32>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Dump a process into an image directory.
+    Dump {
+        /// The process to dump.
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// The image directory.
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Leave the process running after the dump (default: kill it).
+        #[arg(short = 'R', long)]
+        leave_running: bool,
+    },
+    /// Show what an image directory holds.
+    Show {
+        /// The image directory.
+        dir: PathBuf,
+        /// Machine-readable JSON with every field.
+        #[arg(long)]
+        json: bool,
+        /// With --json: list every dumped page with its CRC32C.
+        #[arg(long)]
+        pages: bool,
+    },
+    /// Which kernel features pdump uses, and whether this kernel has them.
+    Check {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Spawn a sample workload, dump it and show that it continued.
+    Demo {
+        /// Where to put the images (default: a fresh directory under the system temp dir).
+        #[arg(short = 'D', long = "images-dir")]
+        dir: Option<PathBuf>,
+    },
+    /// The demo's workload (internal).
+    #[command(hide = true)]
+    DemoWorkload,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    let result = match (args.pid, args.cmd) {
+        (Some(pid), None) => cli::dump(pid, PathBuf::from(format!("pdump-{pid}")), true),
+        (None, Some(Cmd::Dump { pid, dir, leave_running })) => cli::dump(pid, dir, leave_running),
+        (None, Some(Cmd::Show { dir, json, pages })) => cli::show(&dir, json, pages),
+        (None, Some(Cmd::Check { json })) => cli::check(json),
+        (None, Some(Cmd::Demo { dir })) => cli::demo(dir),
+        (None, Some(Cmd::DemoWorkload)) => cli::demo_workload(),
+        _ => {
+            use clap::CommandFactory;
+            let _ = Args::command().print_help();
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            cli::print_error(e.as_ref());
+            ExitCode::FAILURE
+        }
+    }
+}

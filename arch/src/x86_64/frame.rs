@@ -46,22 +46,19 @@ pub struct AltStack {
     pub size: u64,
 }
 
-/// The size of the xstate recorded in the xsave area's software bytes.
+/// Check an `NT_X86_XSTATE` regset buffer and return its size. ptrace puts
+/// the task's XCR0 in the first software-reserved word (not the signal-frame
+/// magic), so the size is the buffer's length.
 pub fn xstate_size(xstate: &[u8]) -> Result<usize, ArchError> {
-    if xstate.len() < SW_BYTES_OFFSET + 16 {
+    if xstate.len() < 576 || xstate.len() % 64 != 0 {
         return Err(ArchError::BadFpState);
     }
-    let magic = u32::from_le_bytes(xstate[SW_BYTES_OFFSET..SW_BYTES_OFFSET + 4].try_into().unwrap());
-    if magic != FP_XSTATE_MAGIC1 {
-        return Err(ArchError::BadFpState);
-    }
-    let size = u32::from_le_bytes(
-        xstate[SW_BYTES_OFFSET + 16..SW_BYTES_OFFSET + 20].try_into().unwrap(),
-    ) as usize;
-    if size < 576 || size > xstate.len() {
-        return Err(ArchError::BadFpState);
-    }
-    Ok(size)
+    Ok(xstate.len())
+}
+
+/// The XCR0 feature mask recorded by ptrace in the xsave area.
+pub fn xstate_features(xstate: &[u8]) -> u64 {
+    u64::from_le_bytes(xstate[SW_BYTES_OFFSET..SW_BYTES_OFFSET + 8].try_into().unwrap())
 }
 
 /// Bytes a frame needs for an xstate of `xstate_len` bytes, placed at any address.
@@ -116,6 +113,14 @@ pub fn build(
     put_u64(buf, m + 184, fp_addr);
     put_u64(buf, SIGMASK_OFF, sigmask);
     buf[fp_off..fp_off + xsize].copy_from_slice(&xstate[..xsize]);
+    // The signal frame's software bytes: magic, sizes and the feature mask.
+    let sw = fp_off + SW_BYTES_OFFSET;
+    let xfeatures = xstate_features(xstate);
+    buf[sw..sw + 48].fill(0);
+    buf[sw..sw + 4].copy_from_slice(&FP_XSTATE_MAGIC1.to_le_bytes());
+    buf[sw + 4..sw + 8].copy_from_slice(&((xsize + 4) as u32).to_le_bytes());
+    buf[sw + 8..sw + 16].copy_from_slice(&xfeatures.to_le_bytes());
+    buf[sw + 16..sw + 20].copy_from_slice(&(xsize as u32).to_le_bytes());
     buf[fp_off + xsize..fp_off + xsize + 4].copy_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
     Ok(FrameLayout { size: need, sp_at_sigreturn: frame_addr + 8 })
 }

@@ -1,0 +1,370 @@
+//! The data model of a checkpoint: what every image file holds, as Rust types.
+//!
+//! Everything here is plain data (serde), written with postcard inside the
+//! framed files of [`super::format`] and rendered by `pdump show`.
+
+use serde::{Deserialize, Serialize};
+
+/// `inventory.img`: one per checkpoint directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// pdump's version that wrote the checkpoint.
+    pub pdump_version: String,
+    /// `uname -m` of the dumped tasks.
+    pub arch: String,
+    /// `uname -r` at dump time (restore needs the same kernel ABI).
+    pub kernel: String,
+    /// Seconds since the epoch when the dump finished.
+    pub created_unix: u64,
+    /// The root task of the dump.
+    pub root_pid: i32,
+    /// Every dumped process (tgid), in DFS order from the root.
+    pub processes: Vec<i32>,
+    /// Whether the tree was left running after the dump.
+    pub leave_running: bool,
+    /// Page size of the dumping machine.
+    pub page_size: u32,
+}
+
+/// `core-PID.img`: one per process (thread group).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    /// Thread-group id.
+    pub pid: i32,
+    /// Parent pid.
+    pub ppid: i32,
+    /// Process group.
+    pub pgid: i32,
+    /// Session.
+    pub sid: i32,
+    /// `/proc/PID/comm` of the leader.
+    pub comm: String,
+    /// `/proc/PID/exe` target.
+    pub exe: String,
+    /// Command line, NUL-separated arguments split.
+    pub cmdline: Vec<String>,
+    /// `/proc/PID/cwd` target.
+    pub cwd: String,
+    /// `/proc/PID/root` target.
+    pub root: String,
+    /// File mode creation mask.
+    pub umask: u32,
+    /// `/proc/PID/personality`.
+    pub personality: u32,
+    /// Credentials.
+    pub creds: Creds,
+    /// Resource limits, in `/proc/PID/limits` order.
+    pub rlimits: Vec<Rlimit>,
+    /// The auxiliary vector as (type, value) pairs.
+    pub auxv: Vec<(u64, u64)>,
+    /// Memory-map bounds from `/proc/PID/stat`.
+    pub mm: MmBounds,
+    /// `/proc/PID/coredump_filter`.
+    pub coredump_filter: u32,
+    /// Every thread, the leader first.
+    pub threads: Vec<ThreadState>,
+    /// Signal dispositions of signals 1..=64 (index 0 is signal 1).
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole process (each a raw 128-byte siginfo).
+    pub shared_pending: Vec<Vec<u8>>,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
+    pub itimers: Vec<TimerValue>,
+    /// POSIX timers.
+    pub posix_timers: Vec<PosixTimer>,
+    /// Every mapping, in address order.
+    pub vmas: Vec<Vma>,
+    /// Open file descriptors.
+    pub fds: Vec<FdEntry>,
+    /// Name of the page-data file in the checkpoint directory.
+    pub pages_file: String,
+    /// Total bytes of page data in `pages_file` (after its header page).
+    pub pages_bytes: u64,
+}
+
+/// Credentials from `/proc/PID/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Creds {
+    /// Real, effective, saved, filesystem uid.
+    pub uid: [u32; 4],
+    /// Real, effective, saved, filesystem gid.
+    pub gid: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// CapInh, CapPrm, CapEff, CapBnd, CapAmb.
+    pub caps: [u64; 5],
+    /// `NoNewPrivs`.
+    pub no_new_privs: bool,
+    /// `Seccomp` mode (0 none, 1 strict, 2 filter).
+    pub seccomp: u32,
+}
+
+/// One resource limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// Name as `/proc/PID/limits` prints it ("Max open files").
+    pub name: String,
+    /// `RLIMIT_*` number.
+    pub resource: u32,
+    /// Soft limit (`u64::MAX` for unlimited).
+    pub soft: u64,
+    /// Hard limit (`u64::MAX` for unlimited).
+    pub hard: u64,
+}
+
+/// Address-space bounds from `/proc/PID/stat` (fields 26-28, 45-51) and prctl.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct MmBounds {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+/// Per-thread state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThreadState {
+    /// Thread id.
+    pub tid: i32,
+    /// `/proc/PID/task/TID/comm`.
+    pub comm: String,
+    /// General-purpose registers as the arch's regset words (x86_64: user_regs_struct order).
+    pub gpr: Vec<u64>,
+    /// The extended FPU/SIMD regset bytes (x86_64: NT_X86_XSTATE, full xsave area).
+    pub fpregs: Vec<u8>,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Signals pending for this thread only (raw 128-byte siginfo each).
+    pub pending: Vec<Vec<u8>>,
+    /// Alternate signal stack.
+    pub altstack: AltStack,
+    /// rseq registration, if any.
+    pub rseq: Option<Rseq>,
+    /// The syscall the thread was interrupted in, if it must be restarted.
+    pub restart_syscall: Option<u64>,
+    /// Whether the task was in group stop (SIGSTOP) before the dump.
+    pub stopped: bool,
+}
+
+/// `stack_t`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    /// `ss_sp`
+    pub sp: u64,
+    /// `ss_flags` (SS_DISABLE = 2)
+    pub flags: i32,
+    /// `ss_size`
+    pub size: u64,
+}
+
+/// `PTRACE_GET_RSEQ_CONFIGURATION`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    /// Address of `struct rseq`.
+    pub abi_pointer: u64,
+    /// Its registered length.
+    pub abi_size: u32,
+    /// The signature.
+    pub signature: u32,
+    /// Flags.
+    pub flags: u32,
+}
+
+/// A signal disposition (kernel `struct sigaction`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    /// Handler (0 = SIG_DFL, 1 = SIG_IGN).
+    pub handler: u64,
+    /// SA_* flags.
+    pub flags: u64,
+    /// Restorer.
+    pub restorer: u64,
+    /// Mask while handling.
+    pub mask: u64,
+}
+
+/// An interval timer or POSIX timer value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerValue {
+    /// Interval, nanoseconds.
+    pub interval_ns: u64,
+    /// Time to next expiry, nanoseconds (0 = disarmed).
+    pub value_ns: u64,
+}
+
+/// A POSIX timer (`timer_create`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    /// Timer id.
+    pub id: i32,
+    /// Clock id.
+    pub clock: i32,
+    /// Signal number delivered.
+    pub signo: i32,
+    /// Notification ("signal", "thread", "none") as `/proc/PID/timers` says.
+    pub notify: String,
+    /// Target thread for SIGEV_THREAD_ID.
+    pub notify_tid: i32,
+    /// `sigev_value`.
+    pub sigev_value: u64,
+    /// Current value.
+    pub value: TimerValue,
+    /// Overrun count.
+    pub overrun: i64,
+}
+
+/// What backs a mapping.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    /// Private or shared anonymous memory.
+    #[default]
+    Anon,
+    /// `[heap]`
+    Heap,
+    /// `[stack]`
+    Stack,
+    /// `[vdso]`
+    Vdso,
+    /// `[vvar]`
+    Vvar,
+    /// `[vvar_vclock]`
+    VvarVclock,
+    /// `[vsyscall]`
+    Vsyscall,
+    /// A file mapping (the path is in [`Vma::path`]).
+    File,
+    /// Shared memory (`/dev/zero (deleted)`, `/SYSV...`, memfd).
+    Shmem,
+}
+
+/// One mapping.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// PROT_READ | PROT_WRITE | PROT_EXEC bits.
+    pub prot: u32,
+    /// True for MAP_SHARED.
+    pub shared: bool,
+    /// File offset (bytes).
+    pub offset: u64,
+    /// Device, as `major:minor` numbers.
+    pub dev: (u32, u32),
+    /// Inode.
+    pub inode: u64,
+    /// Path or pseudo-name as `/proc/PID/maps` prints it.
+    pub path: Option<String>,
+    /// Kind.
+    pub kind: VmaKind,
+    /// VmFlags from smaps (two-letter codes).
+    pub vm_flags: Vec<String>,
+    /// Runs of dumped pages.
+    pub pages: Vec<PageRun>,
+}
+
+/// A run of contiguous present pages written to the page file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// Address of the first page.
+    pub addr: u64,
+    /// Number of pages.
+    pub npages: u64,
+    /// Byte offset of the run in the page file's data (after the header page).
+    pub offset: u64,
+    /// CRC32C of the run's bytes.
+    pub crc32c: u32,
+}
+
+/// One open file descriptor.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdEntry {
+    /// The fd number.
+    pub fd: i32,
+    /// FD_CLOEXEC.
+    pub cloexec: bool,
+    /// `flags:` from fdinfo (O_* open flags, octal there).
+    pub flags: u32,
+    /// What it is.
+    pub kind: FdKind,
+}
+
+/// The kinds of fd pdump dumps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// Placeholder for a default value; never written.
+    #[default]
+    Unknown,
+    /// A regular file.
+    Regular {
+        /// Path (without " (deleted)").
+        path: String,
+        /// File position.
+        pos: u64,
+        /// Size at dump time.
+        size: u64,
+        /// Mode bits.
+        mode: u32,
+        /// The file was unlinked: its contents are kept here.
+        unlinked_contents: Option<Vec<u8>>,
+    },
+    /// A directory.
+    Directory {
+        /// Path.
+        path: String,
+        /// Position.
+        pos: u64,
+    },
+    /// `/dev/null`
+    DevNull,
+    /// `/dev/zero`
+    DevZero,
+    /// An anonymous pipe end.
+    Pipe {
+        /// The pipe's inode (both ends share it).
+        inode: u64,
+        /// True for the write end.
+        write_end: bool,
+        /// Data buffered in the pipe at dump time (recorded once per pipe).
+        data: Vec<u8>,
+    },
+    /// A FIFO end.
+    Fifo {
+        /// Path of the FIFO.
+        path: String,
+        /// Its inode.
+        inode: u64,
+        /// True for the write end.
+        write_end: bool,
+        /// Buffered data.
+        data: Vec<u8>,
+    },
+    /// An eventfd.
+    EventFd {
+        /// Counter.
+        count: u64,
+        /// EFD_SEMAPHORE etc.
+        efd_flags: u32,
+    },
+    /// A memfd.
+    Memfd {
+        /// Name without the "memfd:" prefix.
+        name: String,
+        /// Inode (fds of one memfd share it).
+        inode: u64,
+        /// Position.
+        pos: u64,
+        /// Contents.
+        contents: Vec<u8>,
+        /// F_GET_SEALS.
+        seals: u32,
+    },
+}

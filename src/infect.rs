@@ -1,0 +1,575 @@
+//! Infection: the parasite blob inside a seized process, and its cure.
+//!
+//! ```text
+//!  1. stub in, thread 0 pointed at it (remote.rs)
+//!  2. remote mmap(MAP_SHARED|MAP_ANONYMOUS, rwx)   -> area in the task
+//!     the dumper maps the same shmem object through /proc/PID/map_files
+//!  3. blob copied and relocated into the area, control block and cure frame
+//!     written (protocol in pdump_parasite)
+//!  4. stub out; thread 0 jumps to the blob, which creates the command pipe;
+//!     the dumper takes the pipe's write end with pidfd_getfd
+//!  5. commands: args in the control block, a byte on the pipe, futex back
+//!  6. cure: FINI, PTRACE_INTERRUPT, remote close + munmap, registers, xstate
+//!     and mask put back in the signal-path stop; the task is as before
+//! ```
+//!
+//! The shared area is a shmem object created by the task itself (an anonymous
+//! shared mapping is a memfd without an fd): no fd of ours ever enters the
+//! task's table, so a dumper killed during infection cannot leave one there.
+//! If the dumper dies while the blob runs, the blob reads EOF on the command
+//! pipe, closes its fds and returns through the cure frame into the task's
+//! own registers, xstate and signal mask; only the inert area stays mapped.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let seized = pdump::ptrace::Seized::seize(1234)?;
+//! let mut p = pdump::infect::Parasite::infect(&seized)?;
+//! let pid = p.syscall(39 /* getpid */, &[])?;
+//! p.cure()?;
+//! # let _ = pid; Ok(()) }
+//! ```
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
+use std::time::{Duration, Instant};
+
+use memmap2::MmapMut;
+use pdump_arch::native::{frame, syscall::nr};
+use pdump_arch::{Arch, Native};
+use pdump_parasite::{cmd, state, Control, Layout, Misc, CTL_MAGIC, PROTOCOL_VERSION};
+
+use crate::blob::{Blob, PARASITE};
+use crate::ptrace::{PtraceError, Seized, Stop};
+use crate::remote::{self, RemoteError, RemoteThread, Stub, ThreadSnapshot};
+
+/// Errors of infection and of parasite commands.
+#[derive(Debug, thiserror::Error)]
+pub enum InfectError {
+    /// Remote execution failed.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// ptrace failed.
+    #[error(transparent)]
+    Ptrace(#[from] PtraceError),
+    /// A remote syscall returned an error.
+    #[error("pid {pid}: remote {what} failed")]
+    RemoteSyscall {
+        /// The process.
+        pid: i32,
+        /// Which syscall.
+        what: &'static str,
+        /// errno
+        #[source]
+        source: nix::Error,
+    },
+    /// Mapping the shared area in the dumper failed.
+    #[error("pid {pid}: mapping the parasite area {path} in the dumper")]
+    MapArea {
+        /// The process.
+        pid: i32,
+        /// map_files path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blob did not answer in time.
+    #[error("pid {pid}: the parasite did not answer command {cmd} within {secs} s")]
+    Timeout {
+        /// The process.
+        pid: i32,
+        /// Command.
+        cmd: u32,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The blob stopped or faulted.
+    #[error("pid {pid}: the parasite stopped ({what})")]
+    Crashed {
+        /// The process.
+        pid: i32,
+        /// What happened.
+        what: String,
+    },
+    /// pidfd_open / pidfd_getfd failed.
+    #[error("pid {pid}: taking fd {fd} with pidfd_getfd")]
+    GetFd {
+        /// The process.
+        pid: i32,
+        /// The fd in the task.
+        fd: i32,
+        /// errno
+        #[source]
+        source: nix::Error,
+    },
+    /// Writing the command pipe failed.
+    #[error("pid {pid}: writing the parasite's command pipe")]
+    Doorbell {
+        /// The process.
+        pid: i32,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A parasite command returned an error.
+    #[error("pid {pid}: parasite command {what} failed")]
+    Command {
+        /// The process.
+        pid: i32,
+        /// Command.
+        what: &'static str,
+        /// errno
+        #[source]
+        source: nix::Error,
+    },
+    /// The cure frame could not be built.
+    #[error("pid {pid}: cannot build the cure frame ({what})")]
+    Frame {
+        /// The process.
+        pid: i32,
+        /// Why.
+        what: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, InfectError>;
+
+fn errno_of(r: i64) -> nix::Error {
+    nix::Error::from_raw((-r) as i32)
+}
+
+/// The parasite living inside one seized process.
+pub struct Parasite<'a> {
+    seized: &'a Seized,
+    pid: i32,
+    tid: i32,
+    snapshot: ThreadSnapshot,
+    area: u64,
+    layout: Layout,
+    local: MmapMut,
+    cmd_w: Option<File>,
+    seq: u32,
+    running: bool,
+    mapped: bool,
+}
+
+impl std::fmt::Debug for Parasite<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parasite").field("pid", &self.pid).field("area", &self.area).finish()
+    }
+}
+
+/// Open a pidfd.
+pub fn pidfd_open(pid: i32) -> std::result::Result<OwnedFd, nix::Error> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(nix::Error::last());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Duplicate fd `fd` of the process behind `pidfd` into the dumper.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> std::result::Result<OwnedFd, nix::Error> {
+    // SAFETY: pidfd_getfd takes a pidfd, an fd number and flags, returns a new fd.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if r < 0 {
+        return Err(nix::Error::last());
+    }
+    // SAFETY: a new fd that only we hold.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+impl<'a> Parasite<'a> {
+    /// Infect the seized process: the blob runs in its first thread (the leader).
+    pub fn infect(seized: &'a Seized) -> Result<Parasite<'a>> {
+        let tid = seized.threads()[0].tid;
+        let snapshot = ThreadSnapshot::take(seized, tid)?;
+        Self::infect_with(seized, snapshot, &PARASITE)
+    }
+
+    fn infect_with(seized: &'a Seized, snapshot: ThreadSnapshot, blob: &Blob) -> Result<Parasite<'a>> {
+        let pid = seized.pid();
+        let tid = snapshot.tid;
+        let layout = Layout::new(blob.mem_size);
+        let stub = Stub::install(seized)?;
+        let mut rt = RemoteThread::begin(seized, &stub, &snapshot)?;
+        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
+        let area = rt.syscall(nr::MMAP, &[0, layout.size as u64, prot, flags, u64::MAX, 0])?;
+        if area < 0 {
+            drop(rt);
+            let _ = stub.remove();
+            return Err(InfectError::RemoteSyscall { pid, what: "mmap", source: errno_of(area) });
+        }
+        let area = area as u64;
+        let mut guard = AreaGuard { rt: Some(rt), area, size: layout.size as u64, pid };
+        let local = map_area(pid, area, layout.size)?;
+        let mut p = Parasite {
+            seized,
+            pid,
+            tid,
+            snapshot: snapshot.clone(),
+            area,
+            layout,
+            local,
+            cmd_w: None,
+            seq: 0,
+            running: false,
+            mapped: true,
+        };
+        blob.load_into(&mut p.local[..blob.mem_size], area);
+        p.write_control();
+        p.write_cure_frame()?;
+        // Start the blob from the syscall-exit stop of the mmap.
+        let rt = guard.rt.take().expect("remote thread present");
+        let regs = rt.regs_for_blob(area, area + layout.size as u64, area + layout.ctl_off as u64);
+        rt.into_blob(&regs)?;
+        std::mem::forget(guard);
+        stub.remove()?;
+        p.running = true;
+        seized.cont(tid, 0)?;
+        // From here on, Drop cures the task.
+        p.handshake()?;
+        Ok(p)
+    }
+
+    fn ctl(&self) -> &Control {
+        // SAFETY: the control block lies inside the mapping at a page-aligned
+        // offset, Control is repr(C) of atomics and plain words (valid for
+        // any bit pattern), and the mapping lives as long as `self`.
+        unsafe { &*(self.local.as_ptr().add(self.layout.ctl_off) as *const Control) }
+    }
+
+    fn write_control(&mut self) {
+        let off = self.layout.ctl_off;
+        let size = std::mem::size_of::<Control>();
+        self.local[off..off + size].fill(0);
+        let area = self.area;
+        let layout = self.layout;
+        let ctl_ptr = self.local[off..].as_mut_ptr() as *mut Control;
+        // SAFETY: in bounds (the layout reserves a page-rounded slot), aligned
+        // (page offset), and nobody else uses the block yet (the blob has not
+        // started).
+        let ctl = unsafe { &mut *ctl_ptr };
+        ctl.magic = CTL_MAGIC;
+        ctl.version = PROTOCOL_VERSION;
+        ctl.dumper_pid = std::process::id() as i32;
+        ctl.cure_frame = area + layout.frame_off as u64;
+        ctl.area_addr = area;
+        ctl.area_size = layout.size as u64;
+        ctl.cmd_rfd.store(-1, SeqCst);
+        ctl.cmd_wfd.store(-1, SeqCst);
+        for p in ctl.pipe_fds.iter() {
+            p[0].store(-1, SeqCst);
+            p[1].store(-1, SeqCst);
+        }
+        ctl.state.store(state::LOADED, SeqCst);
+    }
+
+    fn write_cure_frame(&mut self) -> Result<()> {
+        let mut regs = self.snapshot.regs;
+        Native::apply_restart(&mut regs);
+        let off = self.layout.frame_off;
+        let buf = &mut self.local[off..off + pdump_parasite::FRAME_BYTES];
+        frame::build(
+            buf,
+            self.area + off as u64,
+            &regs,
+            self.snapshot.sigmask,
+            remote::keep_altstack(),
+            &self.snapshot.fpregs,
+        )
+        .map_err(|e| InfectError::Frame { pid: self.pid, what: format!("{e:?}") })?;
+        Ok(())
+    }
+
+    /// Check the blob is alive while waiting: a stop or death of its thread is an error.
+    fn check_alive(&self) -> Result<()> {
+        match crate::ptrace::wait_stop_flags(self.tid, libc::WNOHANG)? {
+            None => Ok(()),
+            Some(Stop::Exited { status }) => Err(PtraceError::Died { tid: self.tid, status }.into()),
+            Some(other) => Err(InfectError::Crashed { pid: self.pid, what: format!("{other:?}") }),
+        }
+    }
+
+    fn futex_wait(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
+        let ts = libc::timespec { tv_sec: 0, tv_nsec: (ms * 1_000_000) as i64 };
+        // SAFETY: FUTEX_WAIT on a word inside our shared mapping with a
+        // relative timeout; the kernel only reads the word.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word as *const _ as *const u32,
+                libc::FUTEX_WAIT,
+                val,
+                &ts as *const libc::timespec,
+            );
+        }
+    }
+
+    fn handshake(&mut self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let st = self.ctl().state.load(Acquire);
+            if st == state::READY {
+                break;
+            }
+            if st == state::SELF_CURE {
+                return Err(InfectError::Crashed { pid: self.pid, what: "blob could not create its pipe".into() });
+            }
+            self.check_alive()?;
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(InfectError::Timeout { pid: self.pid, cmd: u32::MAX, secs: 10 });
+            }
+            Self::futex_wait(&self.ctl().state, st, 20);
+        }
+        let wfd = self.ctl().cmd_wfd.load(SeqCst);
+        let pidfd = pidfd_open(self.pid).map_err(|source| InfectError::GetFd { pid: self.pid, fd: -1, source })?;
+        let w = pidfd_getfd(&pidfd, wfd).map_err(|source| InfectError::GetFd { pid: self.pid, fd: wfd, source })?;
+        self.cmd_w = Some(File::from(w));
+        self.ctl().state.store(state::TAKEN, Release);
+        Ok(())
+    }
+
+    /// Send a command and wait for its result.
+    pub fn command(&mut self, command: u32, args: &[u64]) -> Result<i64> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        {
+            let ctl = self.ctl();
+            for (i, a) in ctl.args.iter().enumerate() {
+                a.store(args.get(i).copied().unwrap_or(0), SeqCst);
+            }
+            ctl.cmd.store(command, SeqCst);
+            ctl.cmd_seq.store(seq, Release);
+        }
+        let pid = self.pid;
+        self.cmd_w
+            .as_mut()
+            .expect("handshake done")
+            .write_all(&[1])
+            .map_err(|source| InfectError::Doorbell { pid, source })?;
+        self.wait_done(seq, command)
+    }
+
+    /// Send a command without waiting (pair with [`Parasite::wait_done`]).
+    pub fn post(&mut self, command: u32, args: &[u64]) -> Result<u32> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        {
+            let ctl = self.ctl();
+            for (i, a) in ctl.args.iter().enumerate() {
+                a.store(args.get(i).copied().unwrap_or(0), SeqCst);
+            }
+            ctl.cmd.store(command, SeqCst);
+            ctl.cmd_seq.store(seq, Release);
+        }
+        let pid = self.pid;
+        self.cmd_w
+            .as_mut()
+            .expect("handshake done")
+            .write_all(&[1])
+            .map_err(|source| InfectError::Doorbell { pid, source })?;
+        Ok(seq)
+    }
+
+    /// Whether command `seq` has finished (no waiting).
+    pub fn poll_done(&self, seq: u32) -> bool {
+        self.ctl().done_seq.load(Acquire) == seq
+    }
+
+    /// Wait for command `seq` to finish; returns its raw result.
+    pub fn wait_done(&self, seq: u32, command: u32) -> Result<i64> {
+        let start = Instant::now();
+        loop {
+            let done = self.ctl().done_seq.load(Acquire);
+            if done == seq {
+                return Ok(self.ctl().ret.load(Acquire) as i64);
+            }
+            self.check_alive()?;
+            if start.elapsed() > Duration::from_secs(120) {
+                return Err(InfectError::Timeout { pid: self.pid, cmd: command, secs: 120 });
+            }
+            Self::futex_wait(&self.ctl().done_seq, done, 50);
+        }
+    }
+
+    /// Run a syscall inside the task through the parasite (fast path: no
+    /// ptrace round trips). Returns the raw result (`-errno` on failure).
+    pub fn syscall(&mut self, nr: u64, args: &[u64]) -> Result<i64> {
+        let mut a = [0u64; 7];
+        a[0] = nr;
+        for (i, v) in args.iter().take(6).enumerate() {
+            a[i + 1] = *v;
+        }
+        self.command(cmd::SYSCALL, &a)
+    }
+
+    /// The area's address in the task.
+    pub fn area(&self) -> u64 {
+        self.area
+    }
+
+    /// The data buffer, as the dumper sees it.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        let off = self.layout.data_off;
+        &mut self.local[off..off + pdump_parasite::DATA_BYTES]
+    }
+
+    /// The data buffer's address in the task.
+    pub fn data_addr(&self) -> u64 {
+        self.area + self.layout.data_off as u64
+    }
+
+    /// Gather signal actions, itimers, the leader's altstack and the given POSIX timers.
+    pub fn misc(&mut self, timer_ids: &[i32]) -> Result<Misc> {
+        let n = timer_ids.len().min(pdump_parasite::MAX_TIMERS);
+        {
+            let m = self.misc_mut();
+            m.ntimers = n as u32;
+            m.timer_ids[..n].copy_from_slice(&timer_ids[..n]);
+        }
+        let r = self.command(cmd::MISC, &[])?;
+        if r < 0 {
+            return Err(InfectError::Command { pid: self.pid, what: "MISC", source: errno_of(r) });
+        }
+        Ok(*self.misc_mut())
+    }
+
+    fn misc_mut(&mut self) -> &mut Misc {
+        let p = self.data_mut().as_mut_ptr() as *mut Misc;
+        // SAFETY: the data buffer is DATA_BYTES long (Misc fits, asserted in
+        // the protocol crate), page aligned, and the blob is idle between
+        // commands, so we are its only user now.
+        unsafe { &mut *p }
+    }
+
+    /// Create `n` page pipes of `size` bytes in the task and take their read ends.
+    pub fn page_pipes(&mut self, n: usize, size: usize) -> Result<Vec<File>> {
+        let r = self.command(cmd::PIPES, &[n as u64, size as u64])?;
+        if r < 0 {
+            return Err(InfectError::Command { pid: self.pid, what: "PIPES", source: errno_of(r) });
+        }
+        let pidfd = pidfd_open(self.pid).map_err(|source| InfectError::GetFd { pid: self.pid, fd: -1, source })?;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let fd = self.ctl().pipe_fds[i][0].load(SeqCst);
+            let f = pidfd_getfd(&pidfd, fd).map_err(|source| InfectError::GetFd { pid: self.pid, fd, source })?;
+            out.push(File::from(f));
+        }
+        Ok(out)
+    }
+
+    /// Start vmsplicing `iovs` (address, length) into page pipe `pipe`.
+    /// Returns the command's sequence number for [`Parasite::wait_done`].
+    pub fn post_vmsplice(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32> {
+        assert!(iovs.len() <= pdump_parasite::MAX_IOVS);
+        {
+            let d = self.data_mut();
+            for (i, (a, l)) in iovs.iter().enumerate() {
+                d[i * 16..i * 16 + 8].copy_from_slice(&a.to_le_bytes());
+                d[i * 16 + 8..i * 16 + 16].copy_from_slice(&l.to_le_bytes());
+            }
+        }
+        self.post(cmd::VMSPLICE, &[pipe as u64, iovs.len() as u64])
+    }
+
+    /// Cure the task: it continues exactly as it was when seized (still
+    /// seized: dropping the [`Seized`] lets it run).
+    pub fn cure(mut self) -> Result<()> {
+        self.cure_inner()
+    }
+
+    fn cure_inner(&mut self) -> Result<()> {
+        if !self.mapped {
+            return Ok(());
+        }
+        let s = self.seized;
+        if self.running {
+            if self.cmd_w.is_some() {
+                let r = self.command(cmd::FINI, &[])?;
+                if r < 0 {
+                    return Err(InfectError::Command { pid: self.pid, what: "FINI", source: errno_of(r) });
+                }
+            }
+            // Stop the blob in its read() (no signal to deliver, so the read
+            // is simply abandoned).
+            s.interrupt(self.tid)?;
+            loop {
+                match crate::ptrace::wait_stop(self.tid)? {
+                    Stop::Event { .. } => break,
+                    Stop::Exited { status } => return Err(PtraceError::Died { tid: self.tid, status }.into()),
+                    other => {
+                        return Err(InfectError::Crashed { pid: self.pid, what: format!("{other:?} while stopping") })
+                    }
+                }
+            }
+            self.running = false;
+        }
+        let rfd = self.ctl().cmd_rfd.swap(-1, SeqCst);
+        let wfd = self.ctl().cmd_wfd.swap(-1, SeqCst);
+        let mut fds: Vec<i32> = vec![rfd, wfd];
+        for p in self.ctl().pipe_fds.iter() {
+            fds.push(p[0].swap(-1, SeqCst));
+            fds.push(p[1].swap(-1, SeqCst));
+        }
+        self.cmd_w = None;
+        let stub = Stub::install(s)?;
+        let snapshot = self.snapshot.clone();
+        let mut rt = RemoteThread::begin(s, &stub, &snapshot)?;
+        for fd in fds.into_iter().filter(|&fd| fd >= 0) {
+            rt.syscall(nr::CLOSE, &[fd as u64])?;
+        }
+        let r = rt.syscall(nr::MUNMAP, &[self.area, self.layout.size as u64])?;
+        if r < 0 {
+            return Err(InfectError::RemoteSyscall { pid: self.pid, what: "munmap", source: errno_of(r) });
+        }
+        self.mapped = false;
+        rt.end()?;
+        stub.remove()?;
+        Ok(())
+    }
+}
+
+impl Drop for Parasite<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.cure_inner() {
+            log::error!("curing pid {}: {e}", self.pid);
+        }
+    }
+}
+
+/// Unmaps the area again if infection fails before the blob runs.
+struct AreaGuard<'a> {
+    rt: Option<RemoteThread<'a>>,
+    area: u64,
+    size: u64,
+    pid: i32,
+}
+
+impl Drop for AreaGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rt) = self.rt.take() {
+            if let Err(e) = rt.syscall(nr::MUNMAP, &[self.area, self.size]) {
+                log::error!("pid {}: unmapping the parasite area: {e}", self.pid);
+            }
+        }
+    }
+}
+
+fn map_area(pid: i32, area: u64, size: usize) -> Result<MmapMut> {
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", area, area + size as u64);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|source| InfectError::MapArea { pid, path: path.clone(), source })?;
+    // SAFETY: a shared mapping of the shmem object behind the task's area;
+    // the task writes it concurrently, which is why every access goes through
+    // atomics (control block) or happens while the blob is idle (data).
+    unsafe { MmapMut::map_mut(&f) }.map_err(|source| InfectError::MapArea { pid, path, source })
+}

@@ -1,0 +1,155 @@
+//! Seize, remote syscalls, infect and cure against self-checking victims.
+
+use pdump::infect::Parasite;
+use pdump::ptrace::Seized;
+use pdump::remote::ThreadSnapshot;
+
+use crate::root_or_skip;
+use crate::util::Victim;
+
+const CYCLES: usize = 1000;
+
+fn maps(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap()
+}
+
+fn fd_table(pid: i32) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let link = std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), link)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// One infect/cure cycle; asserts the task is exactly as before (every
+/// thread's registers, xstate and mask; maps; fd table).
+fn cycle(pid: i32, check_exact: bool) {
+    let seized = Seized::seize(pid).expect("seize");
+    let before: Vec<ThreadSnapshot> =
+        seized.threads().iter().map(|t| ThreadSnapshot::take(&seized, t.tid).unwrap()).collect();
+    let (maps0, fds0) = if check_exact { (maps(pid), fd_table(pid)) } else { Default::default() };
+    let mut p = Parasite::infect(&seized).expect("infect");
+    assert_eq!(p.syscall(pdump_arch::native::syscall::nr::GETPID, &[]).unwrap(), pid as i64);
+    p.cure().expect("cure");
+    if check_exact {
+        for b in &before {
+            let a = ThreadSnapshot::take(&seized, b.tid).unwrap();
+            assert_eq!(a.regs, b.regs, "thread {} registers changed by infect/cure", b.tid);
+            assert_eq!(a.sigmask, b.sigmask, "thread {} mask changed", b.tid);
+            assert!(a.fpregs == b.fpregs, "thread {} xstate changed", b.tid);
+        }
+        assert_eq!(maps(pid), maps0, "maps changed by infect/cure");
+        assert_eq!(fd_table(pid), fds0, "fd table changed by infect/cure");
+    }
+    seized.detach().unwrap();
+}
+
+fn cycles(v: &Victim, n: usize) {
+    for i in 0..n {
+        cycle(v.pid, i % 50 == 0);
+    }
+}
+
+#[test]
+fn infect_cure_loop_victim() {
+    root_or_skip!();
+    let v = Victim::spawn("loop", &[]);
+    cycles(&v, CYCLES);
+    v.finish();
+}
+
+#[test]
+fn infect_cure_zmm_victim() {
+    root_or_skip!();
+    let v = Victim::spawn("zmm", &[]);
+    cycles(&v, CYCLES);
+    v.finish();
+}
+
+#[test]
+fn infect_cure_threads_victim() {
+    root_or_skip!();
+    let v = Victim::spawn("threads", &["8"]);
+    cycles(&v, CYCLES);
+    v.finish();
+}
+
+#[test]
+fn infect_cure_nanosleep_restarts() {
+    root_or_skip!();
+    let mut v = Victim::spawn("sleep", &["2000"]);
+    // As many cycles as fit well inside the sleep; the sleep must still last ~2 s in total.
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while start.elapsed() < std::time::Duration::from_millis(1200) && n < CYCLES {
+        cycle(v.pid, n % 50 == 0);
+        n += 1;
+    }
+    assert!(n > 10, "only {n} cycles");
+    let l = v.line();
+    let ms: u64 = l.strip_prefix("SLEPT ").unwrap_or_else(|| panic!("victim said {l:?}")).parse().unwrap();
+    assert!((1990..2600).contains(&ms), "2 s nanosleep took {ms} ms after {n} infect/cure cycles");
+    v.expect_exit_ok();
+}
+
+#[test]
+fn infect_cure_blocked_read_restarts() {
+    root_or_skip!();
+    let mut v = Victim::spawn("read", &[]);
+    cycles(&v, CYCLES);
+    v.write(b"hello\n");
+    assert_eq!(v.line(), "GOT hello");
+    v.expect_exit_ok();
+}
+
+#[test]
+fn infect_cure_stopped_task_stays_stopped() {
+    root_or_skip!();
+    let v = Victim::spawn("stopme", &[]);
+    for _ in 0..200 {
+        if v.state() == 'T' {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(v.state(), 'T');
+    cycles(&v, CYCLES);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(v.state(), 'T', "a stopped task must stay stopped");
+    v.signal(libc::SIGCONT);
+    v.finish();
+}
+
+#[test]
+fn seize_refuses_bad_targets() {
+    root_or_skip!();
+    use pdump::ptrace::PtraceError;
+    // pdump itself
+    let me = std::process::id() as i32;
+    assert!(matches!(Seized::seize(me), Err(PtraceError::SelfTarget { .. })));
+    // a missing pid
+    assert!(matches!(Seized::seize(0x3fff_fff0), Err(PtraceError::NoSuchProcess { .. })));
+    // a kernel thread (kthreadd is pid 2 in the initial pid namespace)
+    if std::fs::read_to_string("/proc/2/comm").map(|c| c.trim() == "kthreadd").unwrap_or(false) {
+        assert!(matches!(Seized::seize(2), Err(PtraceError::KernelThread { .. })));
+    }
+    // a zombie
+    let mut z = std::process::Command::new("true").spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(matches!(Seized::seize(z.id() as i32), Err(PtraceError::Zombie { .. })));
+    z.wait().unwrap();
+    // a task already traced: the first seize holds it
+    let v = Victim::spawn("loop", &[]);
+    let first = Seized::seize(v.pid).unwrap();
+    match Seized::seize(v.pid) {
+        Err(PtraceError::AlreadyTraced { tracer, .. }) => assert_eq!(tracer, me),
+        other => panic!("expected AlreadyTraced, got {other:?}"),
+    }
+    drop(first);
+    v.finish();
+}

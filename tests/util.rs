@@ -1,0 +1,161 @@
+//! Test harness: the root check, victims, and running the pdump binary.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The one place that decides whether a test needing root and kernel
+/// features runs. Outside CI it skips loudly; with CI=true it must run.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: CI=true but not running as root: this test must not skip in CI");
+    }
+    eprintln!("\n!!!!! SKIPPED {test}: needs root (ptrace of other processes, /proc/PID/map_files) !!!!!\n");
+    false
+}
+
+/// Skip (return early) unless root; see [`require_root`].
+#[macro_export]
+macro_rules! root_or_skip {
+    () => {
+        if !$crate::util::require_root(module_path!()) {
+            return;
+        }
+    };
+}
+
+/// The pdump binary.
+pub fn pdump_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pdump")
+}
+
+/// Run pdump with arguments.
+pub fn pdump(args: &[&str]) -> Output {
+    Command::new(pdump_bin()).args(args).output().expect("running pdump")
+}
+
+/// A fresh temporary directory for one test.
+pub fn tempdir(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "pdump-test-{}-{}-{}",
+        name,
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A running victim program (`pdump-victim MODE ARGS`).
+pub struct Victim {
+    pub child: Child,
+    pub pid: i32,
+    /// The words after `READY <pid>`.
+    pub ready: Vec<String>,
+    pub stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+}
+
+impl Victim {
+    pub fn spawn(mode: &str, args: &[&str]) -> Victim {
+        Self::spawn_env(mode, args, &[])
+    }
+
+    pub fn spawn_env(mode: &str, args: &[&str], env: &[(&str, &str)]) -> Victim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pdump-victim"))
+            .arg(mode)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning victim");
+        let pid = child.id() as i32;
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+        assert_eq!(words.first().map(String::as_str), Some("READY"), "victim {mode} said {line:?}");
+        assert_eq!(words[1].parse::<i32>().unwrap(), pid);
+        let stdin = child.stdin.take();
+        Victim { child, pid, ready: words[2..].to_vec(), stdin, out }
+    }
+
+    /// Read the victim's next output line.
+    pub fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    }
+
+    /// Write to the victim's stdin.
+    pub fn write(&mut self, data: &[u8]) {
+        let s = self.stdin.as_mut().unwrap();
+        s.write_all(data).unwrap();
+        s.flush().unwrap();
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we spawned.
+        assert_eq!(unsafe { libc::kill(self.pid, sig) }, 0);
+    }
+
+    /// The scheduler state letter from /proc/PID/stat.
+    pub fn state(&self) -> char {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+        let after = &s[s.rfind(')').unwrap() + 2..];
+        after.chars().next().unwrap()
+    }
+
+    /// End a long-running victim with SIGTERM; assert it reports OK and exits 0.
+    pub fn finish(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        self.expect_exit_ok()
+    }
+
+    /// Wait for the victim's last line and exit status; assert success.
+    pub fn expect_exit_ok(&mut self) -> String {
+        let mut last = String::new();
+        loop {
+            let l = self.line();
+            if l.is_empty() {
+                break;
+            }
+            assert!(!l.starts_with("FAIL"), "victim {} failed: {l}", self.pid);
+            last = l;
+        }
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "victim {} exited with {st}; last line {last:?}", self.pid);
+        last
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Assert a command succeeded, showing its output otherwise.
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
