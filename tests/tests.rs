@@ -1,4 +1,8 @@
-//! pdump's one integration test binary.
+//! pdump's one integration test binary (`autotests = false`): real processes
+//! are seized, infected, dumped. Tests that need root call
+//! `util::require_root` (skips loudly outside CI, never with CI=true).
+mod dump;
+mod fault;
 mod golden;
 mod infect;
 pub mod util;
