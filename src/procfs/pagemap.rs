@@ -160,6 +160,16 @@ impl Pagemap {
         self.read_entries(start, end)
     }
 
+    /// Like [`Pagemap::present_ranges`], but with the `PAGEMAP_SCAN` ioctl
+    /// only: its failure is returned, never worked around (for probes).
+    pub fn present_ranges_ioctl(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        let page = page_size();
+        self.scan(
+            start & !(page - 1),
+            end.saturating_add(page - 1) & !(page - 1),
+        )
+    }
+
     /// `PAGEMAP_SCAN` over `[start, end)` (page-aligned).
     fn scan(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
         let page = page_size();
