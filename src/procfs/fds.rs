@@ -88,18 +88,12 @@ struct Task {
 
 impl Task {
     fn pidfd(&mut self) -> Result<&PidFd> {
-        if self.pidfd.is_none() {
-            let p = PidFd::open(self.pid).map_err(|source| ProcError::PidfdOpen {
-                pid: self.pid,
-                source,
-            })?;
-            self.pidfd = Some(p);
-        }
-        // The branch above filled it.
-        self.pidfd.as_ref().ok_or_else(|| ProcError::PidfdOpen {
-            pid: self.pid,
-            source: io::Error::from_raw_os_error(libc::ESRCH),
-        })
+        let pid = self.pid;
+        let p = match self.pidfd.take() {
+            Some(p) => p,
+            None => PidFd::open(pid).map_err(|source| ProcError::PidfdOpen { pid, source })?,
+        };
+        Ok(self.pidfd.insert(p))
     }
 
     /// A copy of the task's `fd` (`pidfd_getfd`).
