@@ -25,7 +25,13 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap();
-    for p in ["parasite/src", "parasite/Cargo.toml", "parasite/blob.ld", "arch/src", "arch/Cargo.toml"] {
+    for p in [
+        "parasite/src",
+        "parasite/Cargo.toml",
+        "parasite/blob.ld",
+        "arch/src",
+        "arch/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", manifest.join(p).display());
     }
     let target = format!("{arch}-unknown-none");
@@ -61,10 +67,16 @@ fn ensure_target(manifest: &Path, target: &str) {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    if Path::new(&sysroot).join("lib/rustlib").join(target).exists() {
+    if Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(target)
+        .exists()
+    {
         return;
     }
-    println!("cargo:warning=installing the {target} target for the parasite blob (rustup target add)");
+    println!(
+        "cargo:warning=installing the {target} target for the parasite blob (rustup target add)"
+    );
     let ok = Command::new("rustup")
         .current_dir(manifest)
         .args(["target", "add", target])
@@ -72,7 +84,9 @@ fn ensure_target(manifest: &Path, target: &str) {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        fail(format!("the {target} target is missing and `rustup target add {target}` failed"));
+        fail(format!(
+            "the {target} target is missing and `rustup target add {target}` failed"
+        ));
     }
 }
 
@@ -121,7 +135,8 @@ fn build_blob(manifest: &Path, out: &Path, target: &str, bin: &str) -> PathBuf {
 
 fn flatten(path: &Path, relative: u32) -> (Vec<u8>, usize, Vec<(u64, u64)>) {
     let bytes = fs::read(path).unwrap_or_else(|e| fail(format!("{}: {e}", path.display())));
-    let elf = Elf::parse(&bytes).unwrap_or_else(|e| fail(format!("{}: not ELF: {e}", path.display())));
+    let elf =
+        Elf::parse(&bytes).unwrap_or_else(|e| fail(format!("{}: not ELF: {e}", path.display())));
     if elf.interpreter.is_some() {
         fail("blob has an interpreter".into());
     }
@@ -131,7 +146,10 @@ fn flatten(path: &Path, relative: u32) -> (Vec<u8>, usize, Vec<(u64, u64)>) {
         .find(|s| elf.strtab.get_at(s.st_name) == Some("pdump_blob_entry"))
         .unwrap_or_else(|| fail("entry symbol pdump_blob_entry missing".into()));
     if entry.st_value != 0 || elf.entry != 0 {
-        fail(format!("entry must be at offset 0, found {:#x}", entry.st_value));
+        fail(format!(
+            "entry must be at offset 0, found {:#x}",
+            entry.st_value
+        ));
     }
     let mut mem_size = 0usize;
     for ph in elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD) {
@@ -143,14 +161,25 @@ fn flatten(path: &Path, relative: u32) -> (Vec<u8>, usize, Vec<(u64, u64)>) {
     let mut image = vec![0u8; mem_size];
     let mut file_end = 0usize;
     for ph in elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD) {
-        let (v, o, n) = (ph.p_vaddr as usize, ph.p_offset as usize, ph.p_filesz as usize);
+        let (v, o, n) = (
+            ph.p_vaddr as usize,
+            ph.p_offset as usize,
+            ph.p_filesz as usize,
+        );
         image[v..v + n].copy_from_slice(&bytes[o..o + n]);
         file_end = file_end.max(v + n);
     }
     let mut relocs = Vec::new();
-    for r in elf.dynrelas.iter().chain(elf.shdr_relocs.iter().flat_map(|(_, rs)| rs.iter())) {
+    for r in elf
+        .dynrelas
+        .iter()
+        .chain(elf.shdr_relocs.iter().flat_map(|(_, rs)| rs.iter()))
+    {
         if r.r_type != relative {
-            fail(format!("relocation type {} at {:#x}: only RELATIVE is handled by the loader", r.r_type, r.r_offset));
+            fail(format!(
+                "relocation type {} at {:#x}: only RELATIVE is handled by the loader",
+                r.r_type, r.r_offset
+            ));
         }
         let addend = r.r_addend.unwrap_or(0) as u64;
         if r.r_offset as usize + 8 > mem_size {

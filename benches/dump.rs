@@ -12,11 +12,8 @@ use pdump::dump::{dump_process, DumpOptions};
 use pdump::infect::Parasite;
 use pdump::ptrace::Seized;
 
-fn victim_bin() -> std::path::PathBuf {
-    // benches run from target/release/deps; the victim sits in target/release.
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    dir.join("pdump-victim")
+fn victim_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pdump-victim")
 }
 
 struct Victim {
@@ -37,9 +34,11 @@ fn spawn(args: &[&str]) -> Victim {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("spawn pdump-victim (build it: cargo build --release --bin pdump-victim)");
+        .expect("spawn pdump-victim");
     let mut l = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut l).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut l)
+        .unwrap();
     assert!(l.starts_with("READY"), "victim said {l:?}");
     let pid = child.id() as i32;
     Victim { child, pid }
@@ -69,8 +68,14 @@ fn reference_copy(pid: i32, path: &std::path::Path) -> (Duration, u64) {
             let len = n * 4096;
             while off < len {
                 let chunk = (len - off).min(buf.len() as u64) as usize;
-                let local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: chunk };
-                let remote = libc::iovec { iov_base: (addr + off) as *mut libc::c_void, iov_len: chunk };
+                let local = libc::iovec {
+                    iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                    iov_len: chunk,
+                };
+                let remote = libc::iovec {
+                    iov_base: (addr + off) as *mut libc::c_void,
+                    iov_len: chunk,
+                };
                 // SAFETY: one local buffer we own and one remote range.
                 let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
                 if r <= 0 {
@@ -95,7 +100,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mib: usize = std::env::var("PDUMP_BENCH_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let mib: usize = std::env::var("PDUMP_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024);
     let tmp = std::env::temp_dir().join(format!("pdump-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
 
@@ -120,7 +128,11 @@ fn main() {
     for round in 0..3 {
         let dir = tmp.join(format!("dump-{round}"));
         let _ = std::fs::remove_dir_all(&dir);
-        let opts = DumpOptions { dir: dir.clone(), leave_running: true, ..DumpOptions::default() };
+        let opts = DumpOptions {
+            dir: dir.clone(),
+            leave_running: true,
+            ..DumpOptions::default()
+        };
         let s = dump_process(v.pid, &opts).unwrap();
         let bytes = s.pages * 4096;
         let (rt, rbytes) = reference_copy(v.pid, &tmp.join("ref.bin"));
@@ -132,7 +144,10 @@ fn main() {
     let _ = std::fs::remove_dir_all(&tmp);
 
     println!("\npdump benchmarks (same run, same disk; {mib} MiB victim)\n");
-    println!("seize+infect+cure per task: {:.3} ms (mean of {n})", per.as_secs_f64() * 1e3);
+    println!(
+        "seize+infect+cure per task: {:.3} ms (mean of {n})",
+        per.as_secs_f64() * 1e3
+    );
     println!();
     println!("| round | pdump dump s | GB/s | frozen s | process_vm_readv copy s | GB/s | pdump/ref throughput |");
     println!("|---|---|---|---|---|---|---|");

@@ -31,7 +31,11 @@ fn print(s: &str) -> CliResult {
 
 /// `pdump dump` / `pdump PID`.
 pub fn dump(pid: i32, dir: PathBuf, leave_running: bool) -> CliResult {
-    let opts = DumpOptions { dir: dir.clone(), leave_running, ..DumpOptions::default() };
+    let opts = DumpOptions {
+        dir: dir.clone(),
+        leave_running,
+        ..DumpOptions::default()
+    };
     let s = dump_process(pid, &opts)?;
     print(&format!(
         "dumped pid {} ({} threads, {} mappings, {} pages) into {} in {:.1} ms (frozen {:.1} ms){}\n",
@@ -82,7 +86,9 @@ pub fn demo_workload() -> CliResult {
         }
         let check = buf.iter().fold(0u64, |a, w| a.wrapping_add(*w));
         if check != sum {
-            print(&format!("FAIL tick {tick}: checksum {check:#x} != {sum:#x}\n"))?;
+            print(&format!(
+                "FAIL tick {tick}: checksum {check:#x} != {sum:#x}\n"
+            ))?;
             std::process::exit(1);
         }
         print(&format!("tick {tick} checksum {sum:#018x}\n"))?;
@@ -97,8 +103,12 @@ pub fn demo_workload() -> CliResult {
 /// `pdump demo`.
 pub fn demo(dir: Option<PathBuf>) -> CliResult {
     let exe = std::env::current_exe()?;
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("pdump-demo-{}", std::process::id())));
-    let mut child = Command::new(exe).arg("demo-workload").stdout(Stdio::piped()).spawn()?;
+    let dir = dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("pdump-demo-{}", std::process::id())));
+    let mut child = Command::new(exe)
+        .arg("demo-workload")
+        .stdout(Stdio::piped())
+        .spawn()?;
     let pid = child.id() as i32;
     let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
     let mut last = String::new();
@@ -106,7 +116,11 @@ pub fn demo(dir: Option<PathBuf>) -> CliResult {
         last = lines.next().ok_or("workload exited")??;
         print(&format!("workload[{pid}]: {last}\n"))?;
     }
-    let opts = DumpOptions { dir: dir.clone(), leave_running: true, ..DumpOptions::default() };
+    let opts = DumpOptions {
+        dir: dir.clone(),
+        leave_running: true,
+        ..DumpOptions::default()
+    };
     let result = dump_process(pid, &opts);
     let s = match result {
         Ok(s) => s,
@@ -125,7 +139,10 @@ pub fn demo(dir: Option<PathBuf>) -> CliResult {
     ))?;
     let cp = image::Checkpoint::open(&dir)?;
     cp.verify_pages()?;
-    print(&format!("images verified: {} process(es), checksums ok\n", cp.processes.len()))?;
+    print(&format!(
+        "images verified: {} process(es), checksums ok\n",
+        cp.processes.len()
+    ))?;
     for _ in 0..3 {
         let l = lines.next().ok_or("workload died after the dump")??;
         if l.starts_with("FAIL") {
@@ -136,5 +153,7 @@ pub fn demo(dir: Option<PathBuf>) -> CliResult {
     }
     let _ = child.kill();
     let _ = child.wait();
-    print(&format!("workload continued past the dump ({last}); restore is not implemented yet\n"))
+    print(&format!(
+        "workload continued past the dump ({last}); restore is not implemented yet\n"
+    ))
 }

@@ -139,7 +139,12 @@ pub struct DumpOptions {
 
 impl Default for DumpOptions {
     fn default() -> Self {
-        DumpOptions { dir: PathBuf::from("."), leave_running: true, pipe_size: 1 << 20, batch_bytes: 64 << 20 }
+        DumpOptions {
+            dir: PathBuf::from("."),
+            leave_running: true,
+            pipe_size: 1 << 20,
+            batch_bytes: 64 << 20,
+        }
     }
 }
 
@@ -167,7 +172,10 @@ fn ns(sec: i64, sub: i64, sub_per_sec: i64) -> u64 {
 /// Dump process `pid` (all its threads) into `opts.dir`.
 pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir { path: opts.dir.clone(), source })?;
+    std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
+        path: opts.dir.clone(),
+        source,
+    })?;
     let ptr = |step| move |source| DumpError::Ptrace { pid, step, source };
     let prc = |step| move |source| DumpError::Proc { pid, step, source };
     let seized = Seized::seize(pid).map_err(ptr("seizing"))?;
@@ -188,7 +196,9 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
             gpr: snap.regs.to_words().to_vec(),
             fpregs: snap.fpregs.clone(),
             sigmask: snap.sigmask,
-            pending: seized.pending(t.tid, false).map_err(ptr("reading pending signals"))?,
+            pending: seized
+                .pending(t.tid, false)
+                .map_err(ptr("reading pending signals"))?,
             altstack: model::AltStack::default(),
             rseq: seized.rseq(t.tid).map_err(ptr("reading rseq"))?,
             restart_syscall: restart,
@@ -196,7 +206,9 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
         });
         snapshots.push(snap);
     }
-    let shared_pending = seized.pending(pid, true).map_err(ptr("reading shared pending signals"))?;
+    let shared_pending = seized
+        .pending(pid, true)
+        .map_err(ptr("reading shared pending signals"))?;
     let status = procfs::status(pid).map_err(prc("reading status"))?;
     let stat = procfs::stat(pid).map_err(prc("reading stat"))?;
     let mut vmas = procfs::smaps(pid).map_err(prc("reading smaps"))?;
@@ -208,16 +220,28 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
         pgid: stat.pgrp,
         sid: stat.session,
         comm: procfs::comm(pid, pid).unwrap_or_default(),
-        exe: procfs::readlink_exe(pid).map(|p| p.display().to_string()).unwrap_or_default(),
+        exe: procfs::readlink_exe(pid)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         cmdline: procfs::cmdline(pid).unwrap_or_default(),
-        cwd: procfs::readlink_cwd(pid).map_err(prc("reading cwd"))?.display().to_string(),
-        root: procfs::readlink_root(pid).map_err(prc("reading root"))?.display().to_string(),
+        cwd: procfs::readlink_cwd(pid)
+            .map_err(prc("reading cwd"))?
+            .display()
+            .to_string(),
+        root: procfs::readlink_root(pid)
+            .map_err(prc("reading root"))?
+            .display()
+            .to_string(),
         umask: status.umask.unwrap_or(0o022),
         personality: procfs::personality(pid).map_err(prc("reading personality"))?,
         creds: procfs::creds(&status),
         rlimits: procfs::limits(pid).map_err(prc("reading limits"))?,
         auxv: procfs::auxv(pid).map_err(prc("reading auxv"))?,
-        mm: stat.mm_bounds(vmas.iter().find(|v| v.kind == model::VmaKind::Heap).map(|v| v.end)),
+        mm: stat.mm_bounds(
+            vmas.iter()
+                .find(|v| v.kind == model::VmaKind::Heap)
+                .map(|v| v.end),
+        ),
         coredump_filter: procfs::coredump_filter(pid).unwrap_or(0x33),
         threads,
         sigactions: Vec::new(),
@@ -238,7 +262,12 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
     proc_img.sigactions = misc
         .sigactions
         .iter()
-        .map(|a| model::SigAction { handler: a.handler, flags: a.flags, restorer: a.restorer, mask: a.mask })
+        .map(|a| model::SigAction {
+            handler: a.handler,
+            flags: a.flags,
+            restorer: a.restorer,
+            mask: a.mask,
+        })
         .collect();
     proc_img.itimers = misc
         .itimers
@@ -248,7 +277,11 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
             value_ns: ns(t.value_sec, t.value_sub, 1_000_000),
         })
         .collect();
-    for (i, t) in timers.iter_mut().enumerate().take(pdump_parasite::MAX_TIMERS) {
+    for (i, t) in timers
+        .iter_mut()
+        .enumerate()
+        .take(pdump_parasite::MAX_TIMERS)
+    {
         let v = misc.timers[i];
         t.value = model::TimerValue {
             interval_ns: ns(v.interval_sec, v.interval_sub, 1_000_000_000),
@@ -257,8 +290,11 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
         t.overrun = misc.timer_overrun[i];
     }
     proc_img.posix_timers = timers;
-    proc_img.threads[0].altstack =
-        model::AltStack { sp: misc.altstack[0], flags: misc.altstack[1] as i32, size: misc.altstack[2] };
+    proc_img.threads[0].altstack = model::AltStack {
+        sp: misc.altstack[0],
+        flags: misc.altstack[1] as i32,
+        size: misc.altstack[2],
+    };
     thread_altstacks(&seized, &mut parasite, &snapshots, &mut proc_img)?;
 
     // Pages.
@@ -271,8 +307,11 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
     if opts.leave_running {
         seized.detach().map_err(ptr("detaching"))?;
     } else {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-            .map_err(|source| DumpError::Kill { pid, source })?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|source| DumpError::Kill { pid, source })?;
         seized.forget();
     }
 
@@ -282,7 +321,9 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
     let inv = model::Inventory {
         pdump_version: env!("CARGO_PKG_VERSION").to_string(),
         arch: Native::NAME.to_string(),
-        kernel: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -326,7 +367,11 @@ fn thread_altstacks(
         if r == 0 {
             let d = parasite.data_mut();
             let w = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));
-            img.threads[i].altstack = model::AltStack { sp: w(0), flags: w(8) as i32, size: w(16) };
+            img.threads[i].altstack = model::AltStack {
+                sp: w(0),
+                flags: w(8) as i32,
+                size: w(16),
+            };
         }
     }
     stub.remove().map_err(rem("removing the syscall stub"))?;
@@ -346,7 +391,10 @@ enum PagePolicy {
 
 fn policy(v: &model::Vma) -> PagePolicy {
     use model::VmaKind::*;
-    if v.vm_flags.iter().any(|f| f == "io" || f == "pf" || f == "dd") {
+    if v.vm_flags
+        .iter()
+        .any(|f| f == "io" || f == "pf" || f == "dd")
+    {
         return PagePolicy::None;
     }
     match v.kind {
@@ -372,7 +420,9 @@ fn dump_pages(
     let file = image::create_pages_file(dir, pid).map_err(img)?;
     let mut pagemap = procfs::Pagemap::open(pid).map_err(prc("opening pagemap"))?;
     let pipe_size = opts.pipe_size.min(pipe_max_size());
-    let pipes = parasite.page_pipes(1, pipe_size).map_err(inf("creating page pipes"))?;
+    let pipes = parasite
+        .page_pipes(1, pipe_size)
+        .map_err(inf("creating page pipes"))?;
     let pipe = &pipes[0];
     let page = pdump_arch::PAGE_SIZE as u64;
     let mut offset: u64 = 0; // data offset in the pages file
@@ -381,19 +431,39 @@ fn dump_pages(
     // Batches of (addr, len) that the parasite vmsplices in one command.
     let mut batch: Vec<(u64, u64)> = Vec::new();
     let mut batch_bytes = 0u64;
-    let flush = |batch: &mut Vec<(u64, u64)>, batch_bytes: &mut u64, offset: &mut u64, parasite: &mut Parasite<'_>| -> Result<()> {
+    let flush = |batch: &mut Vec<(u64, u64)>,
+                 batch_bytes: &mut u64,
+                 offset: &mut u64,
+                 parasite: &mut Parasite<'_>|
+     -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let (start, end) = (batch[0].0, batch.last().map(|b| b.0 + b.1).unwrap_or(0));
         let seq = parasite.post_vmsplice(0, batch).map_err(inf("vmsplice"))?;
-        let moved = splice_exact(pipe.as_raw_fd(), file.as_raw_fd(), 4096 + *offset, *batch_bytes, || {
-            parasite.poll_done(seq)
-        })
-        .map_err(|source| DumpError::Pages { pid, start, end, path: path.clone(), source })?;
-        let got = parasite.wait_done(seq, pdump_parasite::cmd::VMSPLICE).map_err(inf("vmsplice"))?;
+        let moved = splice_exact(
+            pipe.as_raw_fd(),
+            file.as_raw_fd(),
+            4096 + *offset,
+            *batch_bytes,
+            || parasite.poll_done(seq),
+        )
+        .map_err(|source| DumpError::Pages {
+            pid,
+            start,
+            end,
+            path: path.clone(),
+            source,
+        })?;
+        let got = parasite
+            .wait_done(seq, pdump_parasite::cmd::VMSPLICE)
+            .map_err(inf("vmsplice"))?;
         if got != *batch_bytes as i64 || moved != *batch_bytes {
-            return Err(DumpError::ShortSplice { pid, got, want: *batch_bytes });
+            return Err(DumpError::ShortSplice {
+                pid,
+                got,
+                want: *batch_bytes,
+            });
         }
         *offset += *batch_bytes;
         batch.clear();
@@ -407,14 +477,28 @@ fn dump_pages(
             continue;
         }
         let runs = match pol {
-            PagePolicy::AnonOnly => anon_ranges(pid, v.start, v.end)
-                .map_err(|source| DumpError::Pages { pid, start: v.start, end: v.end, path: path.clone(), source })?,
-            _ => pagemap.present_ranges(v.start, v.end).map_err(prc("scanning pagemap"))?,
+            PagePolicy::AnonOnly => {
+                anon_ranges(pid, v.start, v.end).map_err(|source| DumpError::Pages {
+                    pid,
+                    start: v.start,
+                    end: v.end,
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            _ => pagemap
+                .present_ranges(v.start, v.end)
+                .map_err(prc("scanning pagemap"))?,
         };
         let readable = v.prot & 1 != 0;
         for (addr, n) in runs {
             let len = n * page;
-            v.pages.push(model::PageRun { addr, npages: n, offset: offset + batch_bytes, crc32c: 0 });
+            v.pages.push(model::PageRun {
+                addr,
+                npages: n,
+                offset: offset + batch_bytes,
+                crc32c: 0,
+            });
             npages += n;
             if readable {
                 batch.push((addr, len));
@@ -426,8 +510,15 @@ fn dump_pages(
                 // PROT_NONE etc.: vmsplice cannot pin these; read them
                 // through /proc/PID/mem (which may) after the batch so far.
                 flush(&mut batch, &mut batch_bytes, &mut offset, parasite)?;
-                copy_unreadable(pid, addr, len, &file, 4096 + offset)
-                    .map_err(|source| DumpError::Pages { pid, start: addr, end: addr + len, path: path.clone(), source })?;
+                copy_unreadable(pid, addr, len, &file, 4096 + offset).map_err(|source| {
+                    DumpError::Pages {
+                        pid,
+                        start: addr,
+                        end: addr + len,
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
                 offset += len;
             }
         }
@@ -474,7 +565,13 @@ fn pipe_max_size() -> usize {
         .unwrap_or(1 << 20)
 }
 
-fn copy_unreadable(pid: i32, addr: u64, len: u64, file: &std::fs::File, at: u64) -> std::io::Result<()> {
+fn copy_unreadable(
+    pid: i32,
+    addr: u64,
+    len: u64,
+    file: &std::fs::File,
+    at: u64,
+) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
     let mut buf = vec![0u8; len.min(1 << 20) as usize];
@@ -492,7 +589,13 @@ fn copy_unreadable(pid: i32, addr: u64, len: u64, file: &std::fs::File, at: u64)
 /// parasite fills the pipe. Stops early (returning the bytes moved) if the
 /// parasite's command finished and the pipe is empty, so a failed vmsplice
 /// can never hang the dumper.
-fn splice_exact(pipe: i32, file: i32, mut off: u64, len: u64, mut done: impl FnMut() -> bool) -> std::io::Result<u64> {
+fn splice_exact(
+    pipe: i32,
+    file: i32,
+    mut off: u64,
+    len: u64,
+    mut done: impl FnMut() -> bool,
+) -> std::io::Result<u64> {
     let mut left = len;
     while left > 0 {
         let mut o = off as libc::loff_t;
@@ -514,14 +617,22 @@ fn splice_exact(pipe: i32, file: i32, mut off: u64, len: u64, mut done: impl FnM
                 Some(libc::EAGAIN) => {
                     if done() {
                         // The command ended; drain what is left, then stop.
-                        let mut pfd = libc::pollfd { fd: pipe, events: libc::POLLIN, revents: 0 };
+                        let mut pfd = libc::pollfd {
+                            fd: pipe,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
                         // SAFETY: one pollfd we own.
                         if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
                             return Ok(len - left);
                         }
                         continue;
                     }
-                    let mut pfd = libc::pollfd { fd: pipe, events: libc::POLLIN, revents: 0 };
+                    let mut pfd = libc::pollfd {
+                        fd: pipe,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
                     // SAFETY: one pollfd we own; 50 ms timeout.
                     unsafe { libc::poll(&mut pfd, 1, 50) };
                     continue;
@@ -530,23 +641,38 @@ fn splice_exact(pipe: i32, file: i32, mut off: u64, len: u64, mut done: impl FnM
             }
         }
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "page pipe closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "page pipe closed",
+            ));
         }
         left -= n as u64;
         off += n as u64;
+        crate::fault::point(); // mid-batch: the parasite is inside vmsplice
     }
     Ok(len)
 }
 
 /// Compute every run's CRC32C from the written pages file.
-fn checksum_runs(dir: &Path, img: &mut model::ProcessImage) -> std::result::Result<(), image::ImageError> {
+fn checksum_runs(
+    dir: &Path,
+    img: &mut model::ProcessImage,
+) -> std::result::Result<(), image::ImageError> {
     if img.pages_bytes == 0 {
         return Ok(());
     }
     let path = dir.join(&img.pages_file);
-    let f = std::fs::File::open(&path).map_err(|source| image::ImageError::Io { op: "open", path: path.clone(), source })?;
+    let f = std::fs::File::open(&path).map_err(|source| image::ImageError::Io {
+        op: "open",
+        path: path.clone(),
+        source,
+    })?;
     // SAFETY: a private read-only mapping of a file only this dump writes.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| image::ImageError::Io { op: "mmap", path: path.clone(), source })?;
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| image::ImageError::Io {
+        op: "mmap",
+        path: path.clone(),
+        source,
+    })?;
     let page = pdump_arch::PAGE_SIZE as u64;
     for v in img.vmas.iter_mut() {
         for r in v.pages.iter_mut() {

@@ -157,7 +157,10 @@ pub struct Parasite<'a> {
 
 impl std::fmt::Debug for Parasite<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Parasite").field("pid", &self.pid).field("area", &self.area).finish()
+        f.debug_struct("Parasite")
+            .field("pid", &self.pid)
+            .field("area", &self.area)
+            .finish()
     }
 }
 
@@ -191,7 +194,11 @@ impl<'a> Parasite<'a> {
         Self::infect_with(seized, snapshot, &PARASITE)
     }
 
-    fn infect_with(seized: &'a Seized, snapshot: ThreadSnapshot, blob: &Blob) -> Result<Parasite<'a>> {
+    fn infect_with(
+        seized: &'a Seized,
+        snapshot: ThreadSnapshot,
+        blob: &Blob,
+    ) -> Result<Parasite<'a>> {
         let pid = seized.pid();
         let tid = snapshot.tid;
         let layout = Layout::new(blob.mem_size);
@@ -203,10 +210,19 @@ impl<'a> Parasite<'a> {
         if area < 0 {
             drop(rt);
             let _ = stub.remove();
-            return Err(InfectError::RemoteSyscall { pid, what: "mmap", source: errno_of(area) });
+            return Err(InfectError::RemoteSyscall {
+                pid,
+                what: "mmap",
+                source: errno_of(area),
+            });
         }
         let area = area as u64;
-        let mut guard = AreaGuard { rt: Some(rt), area, size: layout.size as u64, pid };
+        let mut guard = AreaGuard {
+            rt: Some(rt),
+            area,
+            size: layout.size as u64,
+            pid,
+        };
         let local = map_area(pid, area, layout.size)?;
         let mut p = Parasite {
             seized,
@@ -226,7 +242,11 @@ impl<'a> Parasite<'a> {
         p.write_cure_frame()?;
         // Start the blob from the syscall-exit stop of the mmap.
         let rt = guard.rt.take().expect("remote thread present");
-        let regs = rt.regs_for_blob(area, area + layout.size as u64, area + layout.ctl_off as u64);
+        let regs = rt.regs_for_blob(
+            area,
+            area + layout.size as u64,
+            area + layout.ctl_off as u64,
+        );
         rt.into_blob(&regs)?;
         std::mem::forget(guard);
         stub.remove()?;
@@ -283,7 +303,10 @@ impl<'a> Parasite<'a> {
             remote::keep_altstack(),
             &self.snapshot.fpregs,
         )
-        .map_err(|e| InfectError::Frame { pid: self.pid, what: format!("{e:?}") })?;
+        .map_err(|e| InfectError::Frame {
+            pid: self.pid,
+            what: format!("{e:?}"),
+        })?;
         Ok(())
     }
 
@@ -291,13 +314,23 @@ impl<'a> Parasite<'a> {
     fn check_alive(&self) -> Result<()> {
         match crate::ptrace::wait_stop_flags(self.tid, libc::WNOHANG)? {
             None => Ok(()),
-            Some(Stop::Exited { status }) => Err(PtraceError::Died { tid: self.tid, status }.into()),
-            Some(other) => Err(InfectError::Crashed { pid: self.pid, what: format!("{other:?}") }),
+            Some(Stop::Exited { status }) => Err(PtraceError::Died {
+                tid: self.tid,
+                status,
+            }
+            .into()),
+            Some(other) => Err(InfectError::Crashed {
+                pid: self.pid,
+                what: format!("{other:?}"),
+            }),
         }
     }
 
     fn futex_wait(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
-        let ts = libc::timespec { tv_sec: 0, tv_nsec: (ms * 1_000_000) as i64 };
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: (ms * 1_000_000) as i64,
+        };
         // SAFETY: FUTEX_WAIT on a word inside our shared mapping with a
         // relative timeout; the kernel only reads the word.
         unsafe {
@@ -319,17 +352,32 @@ impl<'a> Parasite<'a> {
                 break;
             }
             if st == state::SELF_CURE {
-                return Err(InfectError::Crashed { pid: self.pid, what: "blob could not create its pipe".into() });
+                return Err(InfectError::Crashed {
+                    pid: self.pid,
+                    what: "blob could not create its pipe".into(),
+                });
             }
             self.check_alive()?;
             if start.elapsed() > Duration::from_secs(10) {
-                return Err(InfectError::Timeout { pid: self.pid, cmd: u32::MAX, secs: 10 });
+                return Err(InfectError::Timeout {
+                    pid: self.pid,
+                    cmd: u32::MAX,
+                    secs: 10,
+                });
             }
             Self::futex_wait(&self.ctl().state, st, 20);
         }
         let wfd = self.ctl().cmd_wfd.load(SeqCst);
-        let pidfd = pidfd_open(self.pid).map_err(|source| InfectError::GetFd { pid: self.pid, fd: -1, source })?;
-        let w = pidfd_getfd(&pidfd, wfd).map_err(|source| InfectError::GetFd { pid: self.pid, fd: wfd, source })?;
+        let pidfd = pidfd_open(self.pid).map_err(|source| InfectError::GetFd {
+            pid: self.pid,
+            fd: -1,
+            source,
+        })?;
+        let w = pidfd_getfd(&pidfd, wfd).map_err(|source| InfectError::GetFd {
+            pid: self.pid,
+            fd: wfd,
+            source,
+        })?;
         self.cmd_w = Some(File::from(w));
         self.ctl().state.store(state::TAKEN, Release);
         Ok(())
@@ -337,6 +385,7 @@ impl<'a> Parasite<'a> {
 
     /// Send a command and wait for its result.
     pub fn command(&mut self, command: u32, args: &[u64]) -> Result<i64> {
+        crate::fault::point();
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         {
@@ -358,6 +407,7 @@ impl<'a> Parasite<'a> {
 
     /// Send a command without waiting (pair with [`Parasite::wait_done`]).
     pub fn post(&mut self, command: u32, args: &[u64]) -> Result<u32> {
+        crate::fault::point();
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         {
@@ -392,7 +442,11 @@ impl<'a> Parasite<'a> {
             }
             self.check_alive()?;
             if start.elapsed() > Duration::from_secs(120) {
-                return Err(InfectError::Timeout { pid: self.pid, cmd: command, secs: 120 });
+                return Err(InfectError::Timeout {
+                    pid: self.pid,
+                    cmd: command,
+                    secs: 120,
+                });
             }
             Self::futex_wait(&self.ctl().done_seq, done, 50);
         }
@@ -435,7 +489,11 @@ impl<'a> Parasite<'a> {
         }
         let r = self.command(cmd::MISC, &[])?;
         if r < 0 {
-            return Err(InfectError::Command { pid: self.pid, what: "MISC", source: errno_of(r) });
+            return Err(InfectError::Command {
+                pid: self.pid,
+                what: "MISC",
+                source: errno_of(r),
+            });
         }
         Ok(*self.misc_mut())
     }
@@ -452,13 +510,25 @@ impl<'a> Parasite<'a> {
     pub fn page_pipes(&mut self, n: usize, size: usize) -> Result<Vec<File>> {
         let r = self.command(cmd::PIPES, &[n as u64, size as u64])?;
         if r < 0 {
-            return Err(InfectError::Command { pid: self.pid, what: "PIPES", source: errno_of(r) });
+            return Err(InfectError::Command {
+                pid: self.pid,
+                what: "PIPES",
+                source: errno_of(r),
+            });
         }
-        let pidfd = pidfd_open(self.pid).map_err(|source| InfectError::GetFd { pid: self.pid, fd: -1, source })?;
+        let pidfd = pidfd_open(self.pid).map_err(|source| InfectError::GetFd {
+            pid: self.pid,
+            fd: -1,
+            source,
+        })?;
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             let fd = self.ctl().pipe_fds[i][0].load(SeqCst);
-            let f = pidfd_getfd(&pidfd, fd).map_err(|source| InfectError::GetFd { pid: self.pid, fd, source })?;
+            let f = pidfd_getfd(&pidfd, fd).map_err(|source| InfectError::GetFd {
+                pid: self.pid,
+                fd,
+                source,
+            })?;
             out.push(File::from(f));
         }
         Ok(out)
@@ -493,29 +563,43 @@ impl<'a> Parasite<'a> {
             if self.cmd_w.is_some() {
                 let r = self.command(cmd::FINI, &[])?;
                 if r < 0 {
-                    return Err(InfectError::Command { pid: self.pid, what: "FINI", source: errno_of(r) });
+                    return Err(InfectError::Command {
+                        pid: self.pid,
+                        what: "FINI",
+                        source: errno_of(r),
+                    });
                 }
             }
-            // Stop the blob in its read() (no signal to deliver, so the read
-            // is simply abandoned).
+            // Stop the blob (spinning after FINI, or in its read() if FINI
+            // could not be sent); nothing is pending, so nothing restarts.
             s.interrupt(self.tid)?;
-            loop {
-                match crate::ptrace::wait_stop(self.tid)? {
-                    Stop::Event { .. } => break,
-                    Stop::Exited { status } => return Err(PtraceError::Died { tid: self.tid, status }.into()),
-                    other => {
-                        return Err(InfectError::Crashed { pid: self.pid, what: format!("{other:?} while stopping") })
+            match crate::ptrace::wait_stop(self.tid)? {
+                Stop::Event { .. } => {}
+                Stop::Exited { status } => {
+                    return Err(PtraceError::Died {
+                        tid: self.tid,
+                        status,
                     }
+                    .into())
+                }
+                other => {
+                    return Err(InfectError::Crashed {
+                        pid: self.pid,
+                        what: format!("{other:?} while stopping"),
+                    })
                 }
             }
             self.running = false;
         }
-        let rfd = self.ctl().cmd_rfd.swap(-1, SeqCst);
-        let wfd = self.ctl().cmd_wfd.swap(-1, SeqCst);
-        let mut fds: Vec<i32> = vec![rfd, wfd];
+        // After FINI the blob holds no fd. If FINI could not be sent (the
+        // blob never finished its handshake), close what it published.
+        let mut fds: Vec<i32> = vec![
+            self.ctl().cmd_rfd.load(SeqCst),
+            self.ctl().cmd_wfd.load(SeqCst),
+        ];
         for p in self.ctl().pipe_fds.iter() {
-            fds.push(p[0].swap(-1, SeqCst));
-            fds.push(p[1].swap(-1, SeqCst));
+            fds.push(p[0].load(SeqCst));
+            fds.push(p[1].load(SeqCst));
         }
         self.cmd_w = None;
         let stub = Stub::install(s)?;
@@ -526,7 +610,11 @@ impl<'a> Parasite<'a> {
         }
         let r = rt.syscall(nr::MUNMAP, &[self.area, self.layout.size as u64])?;
         if r < 0 {
-            return Err(InfectError::RemoteSyscall { pid: self.pid, what: "munmap", source: errno_of(r) });
+            return Err(InfectError::RemoteSyscall {
+                pid: self.pid,
+                what: "munmap",
+                source: errno_of(r),
+            });
         }
         self.mapped = false;
         rt.end()?;
@@ -567,7 +655,11 @@ fn map_area(pid: i32, area: u64, size: usize) -> Result<MmapMut> {
         .read(true)
         .write(true)
         .open(&path)
-        .map_err(|source| InfectError::MapArea { pid, path: path.clone(), source })?;
+        .map_err(|source| InfectError::MapArea {
+            pid,
+            path: path.clone(),
+            source,
+        })?;
     // SAFETY: a shared mapping of the shmem object behind the task's area;
     // the task writes it concurrently, which is why every access goes through
     // atomics (control block) or happens while the blob is idle (data).

@@ -16,11 +16,13 @@
 //! * [`image`]: read, validate and render checkpoint images;
 //! * [`procfs`]: the `/proc` readers everything else uses.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod blob;
 pub mod check;
 pub mod dump;
 pub mod error;
+pub mod fault;
 pub mod image;
 pub mod infect;
 pub mod procfs;

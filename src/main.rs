@@ -64,7 +64,14 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match (args.pid, args.cmd) {
         (Some(pid), None) => cli::dump(pid, PathBuf::from(format!("pdump-{pid}")), true),
-        (None, Some(Cmd::Dump { pid, dir, leave_running })) => cli::dump(pid, dir, leave_running),
+        (
+            None,
+            Some(Cmd::Dump {
+                pid,
+                dir,
+                leave_running,
+            }),
+        ) => cli::dump(pid, dir, leave_running),
         (None, Some(Cmd::Show { dir, json, pages })) => cli::show(&dir, json, pages),
         (None, Some(Cmd::Check { json })) => cli::check(json),
         (None, Some(Cmd::Demo { dir })) => cli::demo(dir),
@@ -75,6 +82,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if std::env::var_os("PDUMP_FAULT_REPORT").is_some() {
+        eprintln!("fault points: {}", pdump::fault::count());
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,7 +1,7 @@
 //! Seizing processes with ptrace.
 //!
 //! [`Seized`] holds every thread of one process in a ptrace stop (PTRACE_SEIZE
-//! + PTRACE_INTERRUPT), so nothing in it runs and nobody else can resume it
+//! then PTRACE_INTERRUPT), so nothing in it runs and nobody else can resume it
 //! (a task has one tracer). Dropping it detaches every thread: tasks that were
 //! in a group stop (SIGSTOP) before stay stopped, the others continue, and a
 //! task that was interrupted in a blocking syscall restarts it exactly as if
@@ -153,7 +153,11 @@ pub struct Seized {
 
 fn req(op: &'static str, tid: i32, r: libc::c_long) -> Result<libc::c_long> {
     if r == -1 {
-        Err(PtraceError::Request { op, tid, source: nix::Error::last() })
+        Err(PtraceError::Request {
+            op,
+            tid,
+            source: nix::Error::last(),
+        })
     } else {
         Ok(r)
     }
@@ -161,10 +165,18 @@ fn req(op: &'static str, tid: i32, r: libc::c_long) -> Result<libc::c_long> {
 
 /// Raw ptrace call.
 fn ptrace_raw(request: libc::c_uint, tid: i32, addr: usize, data: usize) -> libc::c_long {
+    crate::fault::point();
     // SAFETY: ptrace with an integer request; callers pass addr/data that the
     // given request interprets as plain integers or as pointers to buffers
     // they own and size correctly.
-    unsafe { libc::ptrace(request, tid, addr as *mut libc::c_void, data as *mut libc::c_void) }
+    unsafe {
+        libc::ptrace(
+            request,
+            tid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    }
 }
 
 /// Wait for a state change of one traced thread.
@@ -194,7 +206,10 @@ pub fn wait_stop_flags(tid: i32, flags: i32) -> Result<Option<Stop>> {
         return Ok(Some(Stop::Exited { status }));
     }
     if !libc::WIFSTOPPED(status) {
-        return Err(PtraceError::UnexpectedStop { tid, what: format!("status {status:#x}") });
+        return Err(PtraceError::UnexpectedStop {
+            tid,
+            what: format!("status {status:#x}"),
+        });
     }
     let sig = libc::WSTOPSIG(status);
     let event = status >> 16;
@@ -210,7 +225,10 @@ pub fn wait_stop_flags(tid: i32, flags: i32) -> Result<Option<Stop>> {
 }
 
 fn is_group_stop_sig(sig: i32) -> bool {
-    matches!(sig, libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU)
+    matches!(
+        sig,
+        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+    )
 }
 
 impl Seized {
@@ -243,9 +261,16 @@ impl Seized {
             return Err(PtraceError::KernelThread { pid });
         }
         if st.tracer_pid != 0 {
-            return Err(PtraceError::AlreadyTraced { pid, tracer: st.tracer_pid });
+            return Err(PtraceError::AlreadyTraced {
+                pid,
+                tracer: st.tracer_pid,
+            });
         }
-        let mut seized = Seized { pid, threads: Vec::new(), detached: false };
+        let mut seized = Seized {
+            pid,
+            threads: Vec::new(),
+            detached: false,
+        };
         let mut known: BTreeSet<i32> = BTreeSet::new();
         loop {
             let tids = match procfs::threads(pid) {
@@ -283,26 +308,45 @@ impl Seized {
                     if tracer != 0 {
                         Err(PtraceError::AlreadyTraced { pid: tid, tracer })
                     } else {
-                        Err(PtraceError::Request { op: "SEIZE", tid, source: e })
+                        Err(PtraceError::Request {
+                            op: "SEIZE",
+                            tid,
+                            source: e,
+                        })
                     }
                 }
-                _ => Err(PtraceError::Request { op: "SEIZE", tid, source: e }),
+                _ => Err(PtraceError::Request {
+                    op: "SEIZE",
+                    tid,
+                    source: e,
+                }),
             };
         }
         // From here on, the thread is ours: any error must detach it.
         let guard = DetachGuard(tid);
-        req("INTERRUPT", tid, ptrace_raw(libc::PTRACE_INTERRUPT, tid, 0, 0))?;
+        req(
+            "INTERRUPT",
+            tid,
+            ptrace_raw(libc::PTRACE_INTERRUPT, tid, 0, 0),
+        )?;
         loop {
             match wait_stop(tid)? {
                 Stop::Event { sig } => {
                     std::mem::forget(guard);
-                    return Ok(Some(Thread { tid, was_stopped: is_group_stop_sig(sig) }));
+                    return Ok(Some(Thread {
+                        tid,
+                        was_stopped: is_group_stop_sig(sig),
+                    }));
                 }
                 Stop::Signal { sig } => {
                     // A signal was being delivered: let it be delivered (its
                     // handler frame is set up, no user code runs before the
                     // pending interrupt stops the thread).
-                    req("CONT", tid, ptrace_raw(libc::PTRACE_CONT, tid, 0, sig as usize))?;
+                    req(
+                        "CONT",
+                        tid,
+                        ptrace_raw(libc::PTRACE_CONT, tid, 0, sig as usize),
+                    )?;
                 }
                 Stop::Syscall | Stop::OtherEvent { .. } => {
                     req("CONT", tid, ptrace_raw(libc::PTRACE_CONT, tid, 0, 0))?;
@@ -335,7 +379,12 @@ impl Seized {
         req(
             "GETREGSET(NT_PRSTATUS)",
             tid,
-            ptrace_raw(libc::PTRACE_GETREGSET, tid, 1, &mut iov as *mut libc::iovec as usize),
+            ptrace_raw(
+                libc::PTRACE_GETREGSET,
+                tid,
+                1,
+                &mut iov as *mut libc::iovec as usize,
+            ),
         )?;
         Ok(regs)
     }
@@ -350,7 +399,12 @@ impl Seized {
         req(
             "SETREGSET(NT_PRSTATUS)",
             tid,
-            ptrace_raw(libc::PTRACE_SETREGSET, tid, 1, &mut iov as *mut libc::iovec as usize),
+            ptrace_raw(
+                libc::PTRACE_SETREGSET,
+                tid,
+                1,
+                &mut iov as *mut libc::iovec as usize,
+            ),
         )?;
         Ok(())
     }
@@ -358,8 +412,10 @@ impl Seized {
     /// The extended FPU/SIMD state (x86_64: the full XSAVE area, AVX-512 included).
     pub fn fpregs(&self, tid: i32) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; 64 * 1024];
-        let mut iov =
-            libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
         req(
             "GETREGSET(fp)",
             tid,
@@ -377,8 +433,10 @@ impl Seized {
     /// Set the extended FPU/SIMD state.
     pub fn set_fpregs(&self, tid: i32, fp: &[u8]) -> Result<()> {
         let mut copy = fp.to_vec();
-        let mut iov =
-            libc::iovec { iov_base: copy.as_mut_ptr() as *mut libc::c_void, iov_len: copy.len() };
+        let mut iov = libc::iovec {
+            iov_base: copy.as_mut_ptr() as *mut libc::c_void,
+            iov_len: copy.len(),
+        };
         req(
             "SETREGSET(fp)",
             tid,
@@ -398,7 +456,12 @@ impl Seized {
         req(
             "GETSIGMASK",
             tid,
-            ptrace_raw(libc::PTRACE_GETSIGMASK, tid, 8, &mut mask as *mut u64 as usize),
+            ptrace_raw(
+                libc::PTRACE_GETSIGMASK,
+                tid,
+                8,
+                &mut mask as *mut u64 as usize,
+            ),
         )?;
         Ok(mask)
     }
@@ -425,7 +488,11 @@ impl Seized {
         }
         let mut out = Vec::new();
         loop {
-            let args = PeekArgs { off: out.len() as u64, flags: shared as u32, nr: 32 };
+            let args = PeekArgs {
+                off: out.len() as u64,
+                flags: shared as u32,
+                nr: 32,
+            };
             let mut buf = vec![0u8; 128 * 32];
             let n = req(
                 "PEEKSIGINFO",
@@ -469,12 +536,14 @@ impl Seized {
                 &mut c as *mut RseqConf as usize,
             ),
         )?;
-        Ok((c.rseq_abi_pointer != 0).then_some(crate::image::model::Rseq {
-            abi_pointer: c.rseq_abi_pointer,
-            abi_size: c.rseq_abi_size,
-            signature: c.signature,
-            flags: c.flags,
-        }))
+        Ok(
+            (c.rseq_abi_pointer != 0).then_some(crate::image::model::Rseq {
+                abi_pointer: c.rseq_abi_pointer,
+                abi_size: c.rseq_abi_size,
+                signature: c.signature,
+                flags: c.flags,
+            }),
+        )
     }
 
     /// Read one word of the tracee's memory (text included).
@@ -484,20 +553,32 @@ impl Seized {
         unsafe { *libc::__errno_location() = 0 };
         let r = ptrace_raw(libc::PTRACE_PEEKTEXT, tid, addr as usize, 0);
         if r == -1 && nix::Error::last_raw() != 0 {
-            return Err(PtraceError::Request { op: "PEEKTEXT", tid, source: nix::Error::last() });
+            return Err(PtraceError::Request {
+                op: "PEEKTEXT",
+                tid,
+                source: nix::Error::last(),
+            });
         }
         Ok(r as u64)
     }
 
     /// Write one word of the tracee's memory (text included).
     pub fn poke(&self, tid: i32, addr: u64, word: u64) -> Result<()> {
-        req("POKETEXT", tid, ptrace_raw(libc::PTRACE_POKETEXT, tid, addr as usize, word as usize))?;
+        req(
+            "POKETEXT",
+            tid,
+            ptrace_raw(libc::PTRACE_POKETEXT, tid, addr as usize, word as usize),
+        )?;
         Ok(())
     }
 
     /// Resume a thread, delivering `sig` (0 for none).
     pub fn cont(&self, tid: i32, sig: i32) -> Result<()> {
-        req("CONT", tid, ptrace_raw(libc::PTRACE_CONT, tid, 0, sig as usize))?;
+        req(
+            "CONT",
+            tid,
+            ptrace_raw(libc::PTRACE_CONT, tid, 0, sig as usize),
+        )?;
         Ok(())
     }
 
@@ -509,7 +590,11 @@ impl Seized {
 
     /// Ask a running (or stopped) thread to stop in PTRACE_EVENT_STOP.
     pub fn interrupt(&self, tid: i32) -> Result<()> {
-        req("INTERRUPT", tid, ptrace_raw(libc::PTRACE_INTERRUPT, tid, 0, 0))?;
+        req(
+            "INTERRUPT",
+            tid,
+            ptrace_raw(libc::PTRACE_INTERRUPT, tid, 0, 0),
+        )?;
         Ok(())
     }
 
@@ -529,7 +614,11 @@ impl Seized {
             if r == -1 {
                 let e = nix::Error::last();
                 if e != nix::Error::ESRCH && first_err.is_none() {
-                    first_err = Some(PtraceError::Request { op: "DETACH", tid: t.tid, source: e });
+                    first_err = Some(PtraceError::Request {
+                        op: "DETACH",
+                        tid: t.tid,
+                        source: e,
+                    });
                 }
             }
         }

@@ -116,10 +116,14 @@ impl ThreadSnapshot {
 
     /// Put the thread back exactly as snapshotted (it must be in a stop
     /// inside the kernel's signal path, so an interrupted syscall restarts).
+    ///
+    /// The registers go back last: until then the thread still points at the
+    /// stub, whose fallback `rt_sigreturn` restores mask and xstate too, so a
+    /// dumper killed between two of these calls leaves a consistent task.
     pub fn restore(&self, seized: &Seized) -> std::result::Result<(), PtraceError> {
-        seized.set_regs(self.tid, &self.regs)?;
+        seized.set_sigmask(self.tid, self.sigmask)?;
         seized.set_fpregs(self.tid, &self.fpregs)?;
-        seized.set_sigmask(self.tid, self.sigmask)
+        seized.set_regs(self.tid, &self.regs)
     }
 }
 
@@ -136,22 +140,43 @@ pub struct Stub {
 /// Write `data` at `addr` in `pid`'s memory (via /proc/PID/mem, which also
 /// reaches read-only pages of a task we trace).
 pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
+    crate::fault::point();
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(format!("/proc/{pid}/mem"))
-        .map_err(|source| RemoteError::WriteMem { tid: pid, addr, len: data.len(), source })?;
+        .map_err(|source| RemoteError::WriteMem {
+            tid: pid,
+            addr,
+            len: data.len(),
+            source,
+        })?;
     f.write_all_at(data, addr)
-        .map_err(|source| RemoteError::WriteMem { tid: pid, addr, len: data.len(), source })
+        .map_err(|source| RemoteError::WriteMem {
+            tid: pid,
+            addr,
+            len: data.len(),
+            source,
+        })
 }
 
 /// Read `buf.len()` bytes at `addr` of `pid`'s memory (via /proc/PID/mem).
 pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(format!("/proc/{pid}/mem"))
-        .map_err(|source| RemoteError::ReadMem { tid: pid, addr, len: buf.len(), source })?;
+    let f =
+        std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|source| RemoteError::ReadMem {
+            tid: pid,
+            addr,
+            len: buf.len(),
+            source,
+        })?;
     f.read_exact_at(buf, addr)
-        .map_err(|source| RemoteError::ReadMem { tid: pid, addr, len: buf.len(), source })
+        .map_err(|source| RemoteError::ReadMem {
+            tid: pid,
+            addr,
+            len: buf.len(),
+            source,
+        })
 }
 
 impl Stub {
@@ -168,7 +193,12 @@ impl Stub {
         let mut saved = vec![0u8; code.len()];
         read_mem(pid, addr, &mut saved)?;
         write_mem(pid, addr, code)?;
-        Ok(Stub { addr, pid, saved, installed: true })
+        Ok(Stub {
+            addr,
+            pid,
+            saved,
+            installed: true,
+        })
     }
 
     /// The ELF entry point if it lies in an executable file mapping (never
@@ -176,13 +206,14 @@ impl Stub {
     /// file mapping, else of any executable mapping but vsyscall.
     pub fn place(pid: i32) -> Result<u64> {
         let vmas = procfs::maps(pid)?;
-        let is_file = |v: &crate::image::model::Vma| v.path.as_deref().is_some_and(|p| p.starts_with('/'));
+        let is_file =
+            |v: &crate::image::model::Vma| v.path.as_deref().is_some_and(|p| p.starts_with('/'));
         let stub_len = Native::SYSCALL_STUB.len() as u64;
         if let Ok(auxv) = procfs::auxv(pid) {
             if let Some(&(_, entry)) = auxv.iter().find(|(k, _)| *k == libc::AT_ENTRY) {
-                let ok = vmas
-                    .iter()
-                    .any(|v| v.prot & 4 != 0 && is_file(v) && v.start <= entry && entry + stub_len <= v.end);
+                let ok = vmas.iter().any(|v| {
+                    v.prot & 4 != 0 && is_file(v) && v.start <= entry && entry + stub_len <= v.end
+                });
                 if ok {
                     return Ok(entry);
                 }
@@ -190,7 +221,10 @@ impl Stub {
         }
         vmas.iter()
             .find(|v| v.prot & 4 != 0 && is_file(v))
-            .or_else(|| vmas.iter().find(|v| v.prot & 4 != 0 && v.path.as_deref() != Some("[vsyscall]")))
+            .or_else(|| {
+                vmas.iter()
+                    .find(|v| v.prot & 4 != 0 && v.path.as_deref() != Some("[vsyscall]"))
+            })
             .map(|v| v.start)
             .ok_or(RemoteError::NoStubPlace { pid })
     }
@@ -253,7 +287,10 @@ impl<'a> RemoteThread<'a> {
             keep_altstack(),
             &snapshot.fpregs,
         )
-        .map_err(|e| RemoteError::Frame { tid, what: format!("{e:?}") })?;
+        .map_err(|e| RemoteError::Frame {
+            tid,
+            what: format!("{e:?}"),
+        })?;
         write_mem(seized.pid(), frame_addr, &buf[..layout.size])?;
         let mut rt = RemoteThread {
             seized,
@@ -308,7 +345,11 @@ impl<'a> RemoteThread<'a> {
                     .into())
                 }
                 Stop::Exited { status } => {
-                    return Err(PtraceError::Died { tid: self.tid, status }.into())
+                    return Err(PtraceError::Died {
+                        tid: self.tid,
+                        status,
+                    }
+                    .into())
                 }
             }
         }
@@ -369,7 +410,10 @@ pub fn park(seized: &Seized, tid: i32) -> std::result::Result<(), PtraceError> {
             Stop::Exited { status } => return Err(PtraceError::Died { tid, status }),
             Stop::Syscall | Stop::OtherEvent { .. } => seized.cont(tid, 0)?,
             Stop::Signal { sig } => {
-                return Err(PtraceError::UnexpectedStop { tid, what: format!("signal {sig} while parking") })
+                return Err(PtraceError::UnexpectedStop {
+                    tid,
+                    what: format!("signal {sig} while parking"),
+                })
             }
         }
     }
@@ -378,5 +422,9 @@ pub fn park(seized: &Seized, tid: i32) -> std::result::Result<(), PtraceError> {
 /// An altstack value that `rt_sigreturn` rejects and so leaves the thread's
 /// real alternate stack untouched (ss_flags outside {0, SS_ONSTACK, SS_DISABLE}).
 pub fn keep_altstack() -> frame::AltStack {
-    frame::AltStack { sp: 0, flags: 3, size: 0 }
+    frame::AltStack {
+        sp: 0,
+        flags: 3,
+        size: 0,
+    }
 }

@@ -10,7 +10,14 @@ use crate::root_or_skip;
 use crate::util::{assert_ok, pdump, tempdir, Victim};
 
 fn dump_r(pid: i32, dir: &Path) {
-    let out = pdump(&["dump", "-t", &pid.to_string(), "-D", dir.to_str().unwrap(), "--leave-running"]);
+    let out = pdump(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        dir.to_str().unwrap(),
+        "--leave-running",
+    ]);
     assert_ok(&out, "pdump dump --leave-running");
 }
 
@@ -72,8 +79,15 @@ fn dump_sleeping_victim_keeps_sleep_semantics() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
     let l = v.line();
-    let ms: u64 = l.strip_prefix("SLEPT ").unwrap_or_else(|| panic!("victim said {l:?}")).parse().unwrap();
-    assert!((1990..2600).contains(&ms), "2 s nanosleep took {ms} ms across 50 dumps");
+    let ms: u64 = l
+        .strip_prefix("SLEPT ")
+        .unwrap_or_else(|| panic!("victim said {l:?}"))
+        .parse()
+        .unwrap();
+    assert!(
+        (1990..2600).contains(&ms),
+        "2 s nanosleep took {ms} ms across 50 dumps"
+    );
     v.expect_exit_ok();
 }
 
@@ -102,7 +116,10 @@ fn dump_stopped_victim_stays_stopped() {
     let dir = tempdir("stopped-one");
     dump_r(v.pid, &dir);
     let cp = Checkpoint::open(&dir).unwrap();
-    assert!(cp.processes[0].threads[0].stopped, "the image records the stop");
+    assert!(
+        cp.processes[0].threads[0].stopped,
+        "the image records the stop"
+    );
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(v.state(), 'T');
     v.signal(libc::SIGCONT);
@@ -118,10 +135,10 @@ fn splitmix64(x: u64) -> u64 {
 
 /// The pattern victim's page `i` (see src/bin/victim.rs): None if never touched.
 fn pattern_page(i: u64, seed: u64) -> Option<Vec<u8>> {
-    if i % 7 == 0 {
+    if i.is_multiple_of(7) {
         return None;
     }
-    if i % 5 == 0 {
+    if i.is_multiple_of(5) {
         return Some(vec![0u8; 4096]);
     }
     let mut p = Vec::with_capacity(4096);
@@ -149,23 +166,34 @@ fn show_json_matches_known_memory_pattern_page_by_page() {
     for vma in vmas {
         if let Some(list) = vma["page_list"].as_array() {
             for p in list {
-                seen.insert(p["addr"].as_u64().unwrap(), (p["crc32c"].as_u64().unwrap(), p["zero"].as_bool().unwrap()));
+                seen.insert(
+                    p["addr"].as_u64().unwrap(),
+                    (p["crc32c"].as_u64().unwrap(), p["zero"].as_bool().unwrap()),
+                );
             }
         }
     }
     for i in 0..pages {
         let addr = base + i * 4096;
         match pattern_page(i, seed) {
-            None => assert!(!seen.contains_key(&addr), "page {i} was never touched but was dumped"),
+            None => assert!(
+                !seen.contains_key(&addr),
+                "page {i} was never touched but was dumped"
+            ),
             Some(data) => {
-                let (crc, zero) = seen.get(&addr).unwrap_or_else(|| panic!("page {i} at {addr:#x} missing"));
+                let (crc, zero) = seen
+                    .get(&addr)
+                    .unwrap_or_else(|| panic!("page {i} at {addr:#x} missing"));
                 assert_eq!(*crc as u32, crc32c::crc32c(&data), "page {i} content");
                 assert_eq!(*zero, data.iter().all(|&b| b == 0), "page {i} zero flag");
             }
         }
     }
     for i in 0..16 {
-        assert!(!seen.contains_key(&(untouched + i * 4096)), "untouched mapping page {i} dumped");
+        assert!(
+            !seen.contains_key(&(untouched + i * 4096)),
+            "untouched mapping page {i} dumped"
+        );
     }
     // The text rendering works too.
     let out = pdump(&["show", dir.to_str().unwrap()]);
@@ -185,10 +213,26 @@ fn dump_records_fds_of_every_supported_kind() {
     let fds = &cp.processes[0].fds;
     use pdump::image::model::FdKind;
     let nums: Vec<i32> = v.ready.iter().map(|s| s.parse().unwrap()).collect();
-    let get = |n: i32| &fds.iter().find(|f| f.fd == n).unwrap_or_else(|| panic!("fd {n} missing")).kind;
-    assert!(matches!(get(nums[0]), FdKind::Regular { pos: 123, size: 1000, unlinked_contents: None, .. }));
+    let get = |n: i32| {
+        &fds.iter()
+            .find(|f| f.fd == n)
+            .unwrap_or_else(|| panic!("fd {n} missing"))
+            .kind
+    };
+    assert!(matches!(
+        get(nums[0]),
+        FdKind::Regular {
+            pos: 123,
+            size: 1000,
+            unlinked_contents: None,
+            ..
+        }
+    ));
     match get(nums[1]) {
-        FdKind::Regular { unlinked_contents: Some(c), .. } => assert_eq!(c, b"unlinked-data"),
+        FdKind::Regular {
+            unlinked_contents: Some(c),
+            ..
+        } => assert_eq!(c, b"unlinked-data"),
         k => panic!("unlinked file: {k:?}"),
     }
     assert!(matches!(get(nums[2]), FdKind::Directory { .. }));
@@ -241,9 +285,19 @@ fn unsupported_fd_refuses_and_leaves_task_untouched() {
     let o = pdump(&["dump", "-t", pid, "-D", dir.to_str().unwrap(), "-R"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&format!("fd {sockfd}")) && err.contains("socket"), "error must name the fd and its kind: {err}");
-    assert_eq!(err.matches("error:").count(), 1, "the chain is printed once: {err}");
-    assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(), maps_before);
+    assert!(
+        err.contains(&format!("fd {sockfd}")) && err.contains("socket"),
+        "error must name the fd and its kind: {err}"
+    );
+    assert_eq!(
+        err.matches("error:").count(),
+        1,
+        "the chain is printed once: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(),
+        maps_before
+    );
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"go\n").unwrap();
     l.clear();
     std::io::BufRead::read_line(&mut out, &mut l).unwrap();
@@ -256,7 +310,13 @@ fn dump_without_leave_running_kills_and_short_form_leaves_running() {
     root_or_skip!();
     let mut v = Victim::spawn("loop", &[]);
     let dir = tempdir("kill");
-    let out = pdump(&["dump", "-t", &v.pid.to_string(), "-D", dir.to_str().unwrap()]);
+    let out = pdump(&[
+        "dump",
+        "-t",
+        &v.pid.to_string(),
+        "-D",
+        dir.to_str().unwrap(),
+    ]);
     assert_ok(&out, "pdump dump");
     let st = v.child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
@@ -265,7 +325,11 @@ fn dump_without_leave_running_kills_and_short_form_leaves_running() {
 
     let v = Victim::spawn("loop", &[]);
     let cwd = tempdir("short");
-    let out = Command::new(crate::util::pdump_bin()).arg(v.pid.to_string()).current_dir(&cwd).output().unwrap();
+    let out = Command::new(crate::util::pdump_bin())
+        .arg(v.pid.to_string())
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
     assert_ok(&out, "pdump PID");
     Checkpoint::open(&cwd.join(format!("pdump-{}", v.pid))).unwrap();
     v.finish();
@@ -280,15 +344,28 @@ fn dump_records_timers_and_handlers() {
     dump_r(v.pid, &dir);
     let cp = Checkpoint::open(&dir).unwrap();
     let p = &cp.processes[0];
-    assert_eq!(p.itimers[0].interval_ns, 100_000_000, "ITIMER_REAL interval");
+    assert_eq!(
+        p.itimers[0].interval_ns, 100_000_000,
+        "ITIMER_REAL interval"
+    );
     assert!(p.itimers[0].value_ns > 0 && p.itimers[0].value_ns <= 100_000_000);
     assert_eq!(p.posix_timers.len(), 1);
     assert_eq!(p.posix_timers[0].value.interval_ns, 50_000_000);
     assert_eq!(p.posix_timers[0].signo, libc::SIGUSR1);
-    assert!(p.sigactions[libc::SIGALRM as usize - 1].handler > 1, "SIGALRM handler recorded");
-    assert!(p.sigactions[libc::SIGTERM as usize - 1].handler > 1, "SIGTERM handler recorded");
+    assert!(
+        p.sigactions[libc::SIGALRM as usize - 1].handler > 1,
+        "SIGALRM handler recorded"
+    );
+    assert!(
+        p.sigactions[libc::SIGTERM as usize - 1].handler > 1,
+        "SIGTERM handler recorded"
+    );
     assert!(p.threads[0].altstack.size > 0, "altstack recorded");
     assert!(p.threads[0].rseq.is_some(), "glibc registers rseq");
-    assert_ne!(p.threads[0].sigmask & (1 << (libc::SIGUSR2 - 1)), 0, "SIGUSR2 blocked");
+    assert_ne!(
+        p.threads[0].sigmask & (1 << (libc::SIGUSR2 - 1)),
+        0,
+        "SIGUSR2 blocked"
+    );
     v.finish();
 }

@@ -1,5 +1,11 @@
-//! The dumper is SIGKILLed at random points of 200 dump sessions; the victim
-//! must always continue correctly (its own checks) and never stay traced.
+//! The dumper is SIGKILLed in over 200 dump sessions; the victim must always
+//! continue correctly (its own checks) and never stay traced.
+//!
+//! Kill points are pdump's fault points (every ptrace request, task memory
+//! write and parasite command, see `src/fault.rs`). Each victim gets one
+//! session per fault point of a whole dump, so every step is hit: seizing,
+//! remote syscalls, infection, the blob's handshake, page streaming, cure and
+//! detach (loop ~46 points, 4 threads ~128, zmm ~50).
 
 use std::process::Command;
 use std::time::Duration;
@@ -15,67 +21,108 @@ fn tracer_of(pid: i32) -> i32 {
         .unwrap()
 }
 
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
+fn fd_table(pid: i32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            format!(
+                "{} -> {:?}",
+                e.file_name().to_string_lossy(),
+                std::fs::read_link(e.path()).ok()
+            )
+        })
+        .collect();
+    v.sort();
+    v
 }
 
-fn sessions(mode: &str, args: &[&str], n: usize, seed: u64) {
+fn dump_cmd(pid: i32, dir: &std::path::Path) -> Command {
+    let mut c = Command::new(pdump_bin());
+    c.args([
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        dir.to_str().unwrap(),
+        "-R",
+    ]);
+    c
+}
+
+fn sessions(mode: &str, args: &[&str]) {
     let v = Victim::spawn(mode, args);
+    let fds_before = fd_table(v.pid);
     let base = tempdir(&format!("fault-{mode}"));
-    // How long does one whole dump take here? Kill points spread over it.
-    let t = std::time::Instant::now();
-    let ok = Command::new(pdump_bin())
-        .args(["dump", "-t", &v.pid.to_string(), "-D", base.join("probe").to_str().unwrap(), "-R"])
+    // How many fault points does a whole dump pass?
+    let probe = dump_cmd(v.pid, &base.join("probe"))
+        .env("PDUMP_FAULT_REPORT", "1")
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let span = t.elapsed().as_micros() as u64 + 1;
-    let mut rng = seed;
-    for i in 0..n {
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let err = String::from_utf8_lossy(&probe.stderr);
+    let total: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("fault points: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fault point count in {err:?}"));
+    assert!(total > 20, "only {total} fault points");
+    for i in 0..total {
+        let at = i + 1;
         let dir = base.join(format!("d{i}"));
-        let mut child = Command::new(pdump_bin())
-            .args(["dump", "-t", &v.pid.to_string(), "-D", dir.to_str().unwrap(), "-R"])
+        let out = dump_cmd(v.pid, &dir)
+            .env("PDUMP_FAULT_KILL_AT", at.to_string())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .spawn()
+            .status()
             .unwrap();
-        let delay = xorshift(&mut rng) % span;
-        std::thread::sleep(Duration::from_micros(delay));
-        let _ = child.kill();
-        let _ = child.wait();
-        // The tracer is gone, so the kernel detached it; it must not stay traced or stopped.
-        for _ in 0..100 {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.signal() == Some(libc::SIGKILL) || out.success(),
+            "session {i} (kill at {at}): {out}"
+        );
+        for _ in 0..200 {
             if tracer_of(v.pid) == 0 {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(tracer_of(v.pid), 0, "session {i}: victim still traced");
+        assert_eq!(
+            tracer_of(v.pid),
+            0,
+            "session {i} (kill at {at}/{total}): victim still traced"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
     std::thread::sleep(Duration::from_millis(50));
     assert_ne!(v.state(), 't', "victim left in a trace stop");
+    assert_eq!(
+        fd_table(v.pid),
+        fds_before,
+        "a killed dumper left fds in the victim"
+    );
     let _ = std::fs::remove_dir_all(&base);
     v.finish();
 }
 
 #[test]
-fn dumper_killed_at_random_points_loop_victim() {
+fn dumper_killed_at_fault_points_loop_victim() {
     root_or_skip!();
-    sessions("loop", &[], 100, 0x9e37_79b9_7f4a_7c15);
+    sessions("loop", &[]);
 }
 
 #[test]
-fn dumper_killed_at_random_points_threads_victim() {
+fn dumper_killed_at_fault_points_threads_victim() {
     root_or_skip!();
-    sessions("threads", &["4"], 50, 0x1234_5678_9abc_def1);
+    sessions("threads", &["4"]);
 }
 
 #[test]
-fn dumper_killed_at_random_points_zmm_victim() {
+fn dumper_killed_at_fault_points_zmm_victim() {
     root_or_skip!();
-    sessions("zmm", &[], 50, 0x0bad_cafe_f00d_d00d);
+    sessions("zmm", &[]);
 }

@@ -18,7 +18,9 @@ fn fd_table(pid: i32) -> Vec<(String, String)> {
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            let link = std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default();
+            let link = std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
             (e.file_name().to_string_lossy().into_owned(), link)
         })
         .collect();
@@ -30,16 +32,31 @@ fn fd_table(pid: i32) -> Vec<(String, String)> {
 /// thread's registers, xstate and mask; maps; fd table).
 fn cycle(pid: i32, check_exact: bool) {
     let seized = Seized::seize(pid).expect("seize");
-    let before: Vec<ThreadSnapshot> =
-        seized.threads().iter().map(|t| ThreadSnapshot::take(&seized, t.tid).unwrap()).collect();
-    let (maps0, fds0) = if check_exact { (maps(pid), fd_table(pid)) } else { Default::default() };
+    let before: Vec<ThreadSnapshot> = seized
+        .threads()
+        .iter()
+        .map(|t| ThreadSnapshot::take(&seized, t.tid).unwrap())
+        .collect();
+    let (maps0, fds0) = if check_exact {
+        (maps(pid), fd_table(pid))
+    } else {
+        Default::default()
+    };
     let mut p = Parasite::infect(&seized).expect("infect");
-    assert_eq!(p.syscall(pdump_arch::native::syscall::nr::GETPID, &[]).unwrap(), pid as i64);
+    assert_eq!(
+        p.syscall(pdump_arch::native::syscall::nr::GETPID, &[])
+            .unwrap(),
+        pid as i64
+    );
     p.cure().expect("cure");
     if check_exact {
         for b in &before {
             let a = ThreadSnapshot::take(&seized, b.tid).unwrap();
-            assert_eq!(a.regs, b.regs, "thread {} registers changed by infect/cure", b.tid);
+            assert_eq!(
+                a.regs, b.regs,
+                "thread {} registers changed by infect/cure",
+                b.tid
+            );
             assert_eq!(a.sigmask, b.sigmask, "thread {} mask changed", b.tid);
             assert!(a.fpregs == b.fpregs, "thread {} xstate changed", b.tid);
         }
@@ -92,8 +109,15 @@ fn infect_cure_nanosleep_restarts() {
     }
     assert!(n > 10, "only {n} cycles");
     let l = v.line();
-    let ms: u64 = l.strip_prefix("SLEPT ").unwrap_or_else(|| panic!("victim said {l:?}")).parse().unwrap();
-    assert!((1990..2600).contains(&ms), "2 s nanosleep took {ms} ms after {n} infect/cure cycles");
+    let ms: u64 = l
+        .strip_prefix("SLEPT ")
+        .unwrap_or_else(|| panic!("victim said {l:?}"))
+        .parse()
+        .unwrap();
+    assert!(
+        (1990..2600).contains(&ms),
+        "2 s nanosleep took {ms} ms after {n} infect/cure cycles"
+    );
     v.expect_exit_ok();
 }
 
@@ -131,23 +155,41 @@ fn seize_refuses_bad_targets() {
     use pdump::ptrace::PtraceError;
     // pdump itself
     let me = std::process::id() as i32;
-    assert!(matches!(Seized::seize(me), Err(PtraceError::SelfTarget { .. })));
+    assert!(matches!(
+        Seized::seize(me),
+        Err(PtraceError::SelfTarget { .. })
+    ));
     // a missing pid
-    assert!(matches!(Seized::seize(0x3fff_fff0), Err(PtraceError::NoSuchProcess { .. })));
+    assert!(matches!(
+        Seized::seize(0x3fff_fff0),
+        Err(PtraceError::NoSuchProcess { .. })
+    ));
     // a kernel thread (kthreadd is pid 2 in the initial pid namespace)
-    if std::fs::read_to_string("/proc/2/comm").map(|c| c.trim() == "kthreadd").unwrap_or(false) {
-        assert!(matches!(Seized::seize(2), Err(PtraceError::KernelThread { .. })));
+    if std::fs::read_to_string("/proc/2/comm")
+        .map(|c| c.trim() == "kthreadd")
+        .unwrap_or(false)
+    {
+        assert!(matches!(
+            Seized::seize(2),
+            Err(PtraceError::KernelThread { .. })
+        ));
     }
     // a zombie
     let mut z = std::process::Command::new("true").spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
-    assert!(matches!(Seized::seize(z.id() as i32), Err(PtraceError::Zombie { .. })));
+    assert!(matches!(
+        Seized::seize(z.id() as i32),
+        Err(PtraceError::Zombie { .. })
+    ));
     z.wait().unwrap();
     // a task already traced: the first seize holds it
     let v = Victim::spawn("loop", &[]);
     let first = Seized::seize(v.pid).unwrap();
     match Seized::seize(v.pid) {
-        Err(PtraceError::AlreadyTraced { tracer, .. }) => assert_eq!(tracer, me),
+        // ptrace is per thread: the tracer is this test's thread.
+        Err(PtraceError::AlreadyTraced { tracer, .. }) => {
+            assert_eq!(tracer, unsafe { libc::gettid() })
+        }
         other => panic!("expected AlreadyTraced, got {other:?}"),
     }
     drop(first);

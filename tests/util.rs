@@ -37,7 +37,10 @@ pub fn pdump_bin() -> &'static str {
 
 /// Run pdump with arguments.
 pub fn pdump(args: &[&str]) -> Output {
-    Command::new(pdump_bin()).args(args).output().expect("running pdump")
+    Command::new(pdump_bin())
+        .args(args)
+        .output()
+        .expect("running pdump")
 }
 
 /// A fresh temporary directory for one test.
@@ -83,10 +86,20 @@ impl Victim {
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         let words: Vec<String> = line.split_whitespace().map(String::from).collect();
-        assert_eq!(words.first().map(String::as_str), Some("READY"), "victim {mode} said {line:?}");
+        assert_eq!(
+            words.first().map(String::as_str),
+            Some("READY"),
+            "victim {mode} said {line:?}"
+        );
         assert_eq!(words[1].parse::<i32>().unwrap(), pid);
         let stdin = child.stdin.take();
-        Victim { child, pid, ready: words[2..].to_vec(), stdin, out }
+        Victim {
+            child,
+            pid,
+            ready: words[2..].to_vec(),
+            stdin,
+            out,
+        }
     }
 
     /// Read the victim's next output line.
@@ -121,8 +134,29 @@ impl Victim {
         self.expect_exit_ok()
     }
 
-    /// Wait for the victim's last line and exit status; assert success.
+    /// Wait for the victim's last line and exit status; assert success. A
+    /// victim that hangs is killed after 60 s so the test fails instead of hanging.
     pub fn expect_exit_ok(&mut self) -> String {
+        let pid = self.pid;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d2 = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..600 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if d2.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+            eprintln!("victim {pid} hung for 60 s: killing it");
+            // SAFETY: kill with the pid of a child we spawned and have not reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let r = self.wait_last_line();
+        done.store(true, Ordering::SeqCst);
+        r
+    }
+
+    fn wait_last_line(&mut self) -> String {
         let mut last = String::new();
         loop {
             let l = self.line();
@@ -133,7 +167,11 @@ impl Victim {
             last = l;
         }
         let st = self.child.wait().unwrap();
-        assert!(st.success(), "victim {} exited with {st}; last line {last:?}", self.pid);
+        assert!(
+            st.success(),
+            "victim {} exited with {st}; last line {last:?}",
+            self.pid
+        );
         last
     }
 }

@@ -13,6 +13,7 @@
 //! An architecture that is not compiled in is a `compile_error!`, not a panic.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 #[cfg(target_arch = "aarch64")]
@@ -26,11 +27,11 @@ pub mod x86_64;
 compile_error!("pdump supports x86_64 and aarch64 only");
 
 /// The architecture pdump is built for. The only place that picks one.
-#[cfg(target_arch = "x86_64")]
-pub use self::x86_64 as native;
-/// The architecture pdump is built for. The only place that picks one.
 #[cfg(target_arch = "aarch64")]
 pub use self::aarch64 as native;
+/// The architecture pdump is built for. The only place that picks one.
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64 as native;
 
 /// The implementation of [`Arch`] for the build target.
 pub type Native = native::Impl;

@@ -73,7 +73,8 @@ pub mod cmd {
     /// vmsplice `args[1]` iovecs from the data buffer into page pipe `args[0]`.
     /// The result is the number of bytes moved (or -errno).
     pub const VMSPLICE: u32 = 4;
-    /// Close the page pipes; the blob then waits to be stopped by the dumper.
+    /// Close every fd the blob holds, answer, then spin until the dumper
+    /// stops the task (or cure it alone if the dumper is gone).
     pub const FINI: u32 = 5;
 }
 
@@ -194,7 +195,13 @@ impl Layout {
         let data_off = frame_off + FRAME_BYTES;
         let stack_off = data_off + DATA_BYTES;
         let size = stack_off + STACK_BYTES;
-        Layout { ctl_off, frame_off, data_off, stack_off, size }
+        Layout {
+            ctl_off,
+            frame_off,
+            data_off,
+            stack_off,
+            size,
+        }
     }
 }
 

@@ -58,7 +58,11 @@ pub fn build(
     buf[UC_STACK + 16..UC_STACK + 24].copy_from_slice(&altstack.size.to_le_bytes());
     buf[UC_SIGMASK..UC_SIGMASK + 8].copy_from_slice(&sigmask.to_le_bytes());
     let mut off = MCONTEXT + 8;
-    for r in regs.regs.iter().chain([regs.sp, regs.pc, regs.pstate].iter()) {
+    for r in regs
+        .regs
+        .iter()
+        .chain([regs.sp, regs.pc, regs.pstate].iter())
+    {
         buf[off..off + 8].copy_from_slice(&r.to_le_bytes());
         off += 8;
     }
@@ -68,5 +72,8 @@ pub fn build(
     // user_fpsimd_state: vregs[32] then fpsr, fpcr; fpsimd_context: fpsr, fpcr, vregs
     buf[f + 8..f + 16].copy_from_slice(&fp[512..520]);
     buf[f + 16..f + 16 + 512].copy_from_slice(&fp[..512]);
-    Ok(FrameLayout { size: TOTAL, sp_at_sigreturn: frame_addr })
+    Ok(FrameLayout {
+        size: TOTAL,
+        sp_at_sigreturn: frame_addr,
+    })
 }

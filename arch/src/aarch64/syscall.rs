@@ -30,6 +30,7 @@ pub mod nr {
     pub const TIMER_GETOVERRUN: u64 = 109;
     pub const EXIT_GROUP: u64 = 94;
     pub const TGKILL: u64 = 131;
+    pub const PPOLL: u64 = 73;
     pub const VMSPLICE: u64 = 75;
     pub const PIPE2: u64 = 59;
     pub const PIDFD_OPEN: u64 = 434;

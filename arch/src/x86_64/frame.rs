@@ -50,7 +50,7 @@ pub struct AltStack {
 /// the task's XCR0 in the first software-reserved word (not the signal-frame
 /// magic), so the size is the buffer's length.
 pub fn xstate_size(xstate: &[u8]) -> Result<usize, ArchError> {
-    if xstate.len() < 576 || xstate.len() % 64 != 0 {
+    if xstate.len() < 576 || !xstate.len().is_multiple_of(64) {
         return Err(ArchError::BadFpState);
     }
     Ok(xstate.len())
@@ -58,7 +58,11 @@ pub fn xstate_size(xstate: &[u8]) -> Result<usize, ArchError> {
 
 /// The XCR0 feature mask recorded by ptrace in the xsave area.
 pub fn xstate_features(xstate: &[u8]) -> u64 {
-    u64::from_le_bytes(xstate[SW_BYTES_OFFSET..SW_BYTES_OFFSET + 8].try_into().unwrap())
+    u64::from_le_bytes(
+        xstate[SW_BYTES_OFFSET..SW_BYTES_OFFSET + 8]
+            .try_into()
+            .unwrap(),
+    )
 }
 
 /// Bytes a frame needs for an xstate of `xstate_len` bytes, placed at any address.
@@ -89,7 +93,11 @@ pub fn build(
         return Err(ArchError::FrameBufferTooSmall { need });
     }
     buf[..need].fill(0);
-    put_u64(buf, UCONTEXT_OFF, UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS);
+    put_u64(
+        buf,
+        UCONTEXT_OFF,
+        UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS,
+    );
     // uc_stack: ss_sp, ss_flags (int + pad), ss_size
     put_u64(buf, UC_STACK_OFF, altstack.sp);
     buf[UC_STACK_OFF + 8..UC_STACK_OFF + 12].copy_from_slice(&altstack.flags.to_le_bytes());
@@ -97,15 +105,35 @@ pub fn build(
     // struct sigcontext_64
     let m = MCONTEXT_OFF;
     let words = [
-        regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15, regs.rdi,
-        regs.rsi, regs.rbp, regs.rbx, regs.rdx, regs.rax, regs.rcx, regs.rsp, regs.rip,
+        regs.r8,
+        regs.r9,
+        regs.r10,
+        regs.r11,
+        regs.r12,
+        regs.r13,
+        regs.r14,
+        regs.r15,
+        regs.rdi,
+        regs.rsi,
+        regs.rbp,
+        regs.rbx,
+        regs.rdx,
+        regs.rax,
+        regs.rcx,
+        regs.rsp,
+        regs.rip,
         regs.eflags,
     ];
     for (i, w) in words.iter().enumerate() {
         put_u64(buf, m + i * 8, *w);
     }
     // cs, gs, fs, ss as u16
-    let segs = [regs.cs as u16, regs.gs as u16, regs.fs as u16, regs.ss as u16];
+    let segs = [
+        regs.cs as u16,
+        regs.gs as u16,
+        regs.fs as u16,
+        regs.ss as u16,
+    ];
     for (i, s) in segs.iter().enumerate() {
         buf[m + 144 + i * 2..m + 146 + i * 2].copy_from_slice(&s.to_le_bytes());
     }
@@ -122,5 +150,8 @@ pub fn build(
     buf[sw + 8..sw + 16].copy_from_slice(&xfeatures.to_le_bytes());
     buf[sw + 16..sw + 20].copy_from_slice(&(xsize as u32).to_le_bytes());
     buf[fp_off + xsize..fp_off + xsize + 4].copy_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
-    Ok(FrameLayout { size: need, sp_at_sigreturn: frame_addr + 8 })
+    Ok(FrameLayout {
+        size: need,
+        sp_at_sigreturn: frame_addr + 8,
+    })
 }

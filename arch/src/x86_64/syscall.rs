@@ -31,6 +31,7 @@ pub mod nr {
     pub const TIMER_GETOVERRUN: u64 = 225;
     pub const EXIT_GROUP: u64 = 231;
     pub const TGKILL: u64 = 234;
+    pub const PPOLL: u64 = 271;
     pub const VMSPLICE: u64 = 278;
     pub const PIPE2: u64 = 293;
     pub const PIDFD_OPEN: u64 = 434;

@@ -4,12 +4,13 @@
 //! left untouched).
 #![no_std]
 #![no_main]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use core::sync::atomic::AtomicU64;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use pdump_arch::native::syscall::{nr, sigreturn, syscall6};
-use pdump_parasite::{cmd, state, Control, Misc, TimerVal, Layout, MAX_PIPES};
+use pdump_parasite::{cmd, state, Control, Layout, Misc, TimerVal, MAX_PIPES};
 
 pdump_arch::blob_entry!(blob_main);
 
@@ -30,7 +31,10 @@ fn sys(n: u64, a: &[u64]) -> i64 {
 }
 
 fn wake(word: &core::sync::atomic::AtomicU32) {
-    sys(nr::FUTEX, &[word as *const _ as u64, FUTEX_WAKE, i32::MAX as u64]);
+    sys(
+        nr::FUTEX,
+        &[word as *const _ as u64, FUTEX_WAKE, i32::MAX as u64],
+    );
 }
 
 /// Close every fd the blob still holds.
@@ -77,8 +81,10 @@ fn do_misc(ctl: &Control) -> i64 {
     let m: &mut Misc = unsafe { &mut *data::<Misc>(ctl) };
     for sig in 1..=64u64 {
         let i = (sig - 1) as usize;
-        m.sigaction_ret[i] =
-            sys(nr::RT_SIGACTION, &[sig, 0, &mut m.sigactions[i] as *mut _ as u64, 8]);
+        m.sigaction_ret[i] = sys(
+            nr::RT_SIGACTION,
+            &[sig, 0, &mut m.sigactions[i] as *mut _ as u64, 8],
+        );
     }
     for (which, t) in m.itimers.iter_mut().enumerate() {
         let r = sys(nr::GETITIMER, &[which as u64, t as *mut TimerVal as u64]);
@@ -95,7 +101,10 @@ fn do_misc(ctl: &Control) -> i64 {
     let n = (m.ntimers as usize).min(m.timer_ids.len());
     for i in 0..n {
         let id = m.timer_ids[i] as u64;
-        let r = sys(nr::TIMER_GETTIME, &[id, &mut m.timers[i] as *mut TimerVal as u64]);
+        let r = sys(
+            nr::TIMER_GETTIME,
+            &[id, &mut m.timers[i] as *mut TimerVal as u64],
+        );
         if r < 0 {
             return r;
         }
@@ -129,6 +138,41 @@ fn do_pipes(ctl: &Control, n: u64, size: u64) -> i64 {
 }
 
 #[repr(C)]
+struct PollFd {
+    fd: i32,
+    events: i16,
+    revents: i16,
+}
+
+const POLLIN: i16 = 0x1;
+const POLLOUT: i16 = 0x4;
+const POLLERR: i16 = 0x8;
+const POLLHUP: i16 = 0x10;
+const SPLICE_F_NONBLOCK: u64 = 2;
+
+/// Wait until page pipe `fd` has room. Uses ppoll without a timeout, which
+/// never touches the task's restart block. Cures the task if the dumper died.
+fn wait_writable(ctl: &Control, fd: u64) {
+    let cmd = ctl.cmd_rfd.load(Relaxed);
+    let mut p = [
+        PollFd {
+            fd: fd as i32,
+            events: POLLOUT,
+            revents: 0,
+        },
+        PollFd {
+            fd: cmd,
+            events: POLLIN,
+            revents: 0,
+        },
+    ];
+    let r = sys(nr::PPOLL, &[p.as_mut_ptr() as u64, 2, 0, 0, 8]);
+    if r > 0 && p[1].revents & (POLLHUP | POLLERR) != 0 {
+        self_cure(ctl);
+    }
+}
+
+#[repr(C)]
 struct Iovec {
     base: u64,
     len: u64,
@@ -146,8 +190,18 @@ fn do_vmsplice(ctl: &Control, pipe: u64, niov: u64) -> i64 {
         // SAFETY: idx < niov <= MAX_IOVS, inside the data buffer.
         let cur = unsafe { iov.add(idx) };
         let cnt = (niov as usize - idx).min(1024);
-        let r = sys(nr::VMSPLICE, &[fd, cur as u64, cnt as u64, 0]);
-        if r == -EINTR || r == -EAGAIN {
+        let r = sys(
+            nr::VMSPLICE,
+            &[fd, cur as u64, cnt as u64, SPLICE_F_NONBLOCK],
+        );
+        if r == -EINTR {
+            continue;
+        }
+        if r == -EAGAIN {
+            // The pipe is full: wait until the dumper drains it, or until the
+            // command pipe reports that the dumper is gone (a blocking
+            // vmsplice would wait forever then: we hold the read end too).
+            wait_writable(ctl, fd);
             continue;
         }
         if r < 0 {
@@ -209,7 +263,14 @@ pub extern "C" fn blob_main(ctl: *mut Control) -> ! {
 
     loop {
         let mut b = 0u8;
-        let r = sys(nr::READ, &[ctl.cmd_rfd.load(Relaxed) as u64, &mut b as *mut u8 as u64, 1]);
+        let r = sys(
+            nr::READ,
+            &[
+                ctl.cmd_rfd.load(Relaxed) as u64,
+                &mut b as *mut u8 as u64,
+                1,
+            ],
+        );
         if r == -EINTR {
             continue;
         }
@@ -225,8 +286,20 @@ pub extern "C" fn blob_main(ctl: *mut Control) -> ! {
             cmd::PIPES => do_pipes(ctl, a(0), a(1)),
             cmd::VMSPLICE => do_vmsplice(ctl, a(0), a(1)),
             cmd::FINI => {
-                close_pipes(ctl);
-                0
+                // Close every fd we hold (the task's fd table is back to what
+                // it was), answer, and wait to be stopped by the dumper. The
+                // wait spins without sleeping syscalls (restart block) and
+                // watches the dumper, which no longer has a pipe to tell us.
+                close_all(ctl);
+                ctl.ret.store(0, Relaxed);
+                ctl.done_seq.store(seq, Release);
+                wake(&ctl.done_seq);
+                loop {
+                    if sys(nr::KILL, &[ctl.dumper_pid as u64, 0]) == -ESRCH {
+                        self_cure(ctl);
+                    }
+                    sys(nr::SCHED_YIELD, &[]);
+                }
             }
             _ => -38, // ENOSYS
         };
