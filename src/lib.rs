@@ -15,6 +15,37 @@
 //! * [`dump`]: write a checkpoint directory;
 //! * [`image`]: read, validate and render checkpoint images;
 //! * [`procfs`]: the `/proc` readers everything else uses.
+//!
+//! Every fallible call returns a typed error naming the pid, path or thread
+//! and the failing operation; [`Error`] wraps them all.
+//!
+//! ```no_run
+//! use pdump::{infect::Parasite, ptrace::Seized, remote};
+//!
+//! # fn main() -> Result<(), pdump::Error> {
+//! let pid = 1234;
+//! // Freeze every thread; dropping `seized` lets the process run again.
+//! let seized = Seized::seize(pid)?;
+//! let regs = seized.regs(pid)?;              // general-purpose registers
+//! let xstate = seized.fpregs(pid)?;          // full XSAVE area (AVX-512 included)
+//! let mut word = [0u8; 8];
+//! remote::read_memory(pid, regs.rsp, &mut word)?;
+//!
+//! // Run syscalls inside the process through the parasite, then cure it:
+//! // registers, xstate, signal mask, maps and fds are exactly as before.
+//! let mut parasite = Parasite::infect(&seized)?;
+//! let inside_pid = parasite.syscall(39 /* getpid */, &[])?;
+//! assert_eq!(inside_pid, pid as i64);
+//! parasite.cure()?;
+//! drop(seized);
+//!
+//! // Or write a checkpoint directory, leaving the process running.
+//! let opts = pdump::dump::DumpOptions { dir: "ckpt".into(), ..Default::default() };
+//! let summary = pdump::dump::dump_process(pid, &opts)?;
+//! let cp = pdump::image::Checkpoint::open(&opts.dir)?;
+//! cp.verify_pages()?;
+//! # let _ = (xstate, summary); Ok(()) }
+//! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 

@@ -195,3 +195,98 @@ fn seize_refuses_bad_targets() {
     drop(first);
     v.finish();
 }
+
+#[test]
+fn remote_syscalls_in_every_thread_restore_text_and_registers() {
+    root_or_skip!();
+    use pdump::remote::{read_memory, RemoteThread, Stub};
+    let v = Victim::spawn("threads", &["3"]);
+    let seized = Seized::seize(v.pid).unwrap();
+    let place = Stub::place(v.pid).unwrap();
+    let mut text0 = [0u8; 16];
+    read_memory(v.pid, place, &mut text0).unwrap();
+    let snaps: Vec<ThreadSnapshot> = seized
+        .threads()
+        .iter()
+        .map(|t| ThreadSnapshot::take(&seized, t.tid).unwrap())
+        .collect();
+    let stub = Stub::install(&seized).unwrap();
+    assert_eq!(stub.addr, place);
+    let mut text1 = [0u8; 8];
+    read_memory(v.pid, place, &mut text1).unwrap();
+    assert_eq!(
+        text1,
+        pdump_arch::native::stub::SYSCALL_STUB,
+        "stub swapped in"
+    );
+    for s in &snaps {
+        let mut rt = RemoteThread::begin(&seized, &stub, s).unwrap();
+        let tid = rt
+            .syscall(pdump_arch::native::syscall::nr::GETTID, &[])
+            .unwrap();
+        assert_eq!(tid, s.tid as i64, "the syscall ran in that very thread");
+        let bad = rt
+            .syscall(pdump_arch::native::syscall::nr::CLOSE, &[999_999])
+            .unwrap();
+        assert_eq!(bad, -(libc::EBADF as i64), "errors come back as -errno");
+        rt.end().unwrap();
+        let after = ThreadSnapshot::take(&seized, s.tid).unwrap();
+        assert_eq!(after.regs, s.regs);
+        assert_eq!(after.sigmask, s.sigmask);
+        assert!(after.fpregs == s.fpregs);
+    }
+    stub.remove().unwrap();
+    let mut text2 = [0u8; 16];
+    read_memory(v.pid, place, &mut text2).unwrap();
+    assert_eq!(text2, text0, "original text restored");
+    drop(seized);
+    v.finish();
+}
+
+#[test]
+fn read_memory_sees_the_victims_pattern() {
+    root_or_skip!();
+    let v = Victim::spawn("pattern", &["16", "5"]);
+    let base = u64::from_str_radix(v.ready[0].trim_start_matches("0x"), 16).unwrap();
+    let mut page = vec![0u8; 4096];
+    pdump::remote::read_memory(v.pid, base + 4096, &mut page).unwrap();
+    let w = u64::from_le_bytes(page[..8].try_into().unwrap());
+    // page 1, word 0 = splitmix64(seed ^ 512)
+    let mut z = (5u64 ^ 512).wrapping_add(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    assert_eq!(w, z ^ (z >> 31));
+    v.finish();
+}
+
+#[test]
+fn check_lists_kernel_features() {
+    root_or_skip!();
+    let out = crate::util::pdump(&["check"]);
+    crate::util::assert_ok(&out, "pdump check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for f in [
+        "PTRACE_SEIZE",
+        "pidfd_getfd",
+        "vmsplice",
+        "PAGEMAP_SCAN",
+        "PROCMAP_QUERY",
+        "clone3",
+    ] {
+        assert!(
+            text.contains(f),
+            "pdump check does not mention {f}:\n{text}"
+        );
+    }
+    let out = crate::util::pdump(&["check", "--json"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let feats = j.as_array().unwrap();
+    let get = |name: &str| {
+        feats
+            .iter()
+            .find(|f| f["name"].as_str().unwrap().contains(name))
+            .unwrap()
+    };
+    assert_eq!(get("PTRACE_SEIZE")["present"], true);
+    assert_eq!(get("pidfd_getfd")["present"], true);
+}
