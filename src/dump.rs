@@ -332,6 +332,7 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
         processes: vec![pid],
         leave_running: opts.leave_running,
         page_size: pdump_arch::PAGE_SIZE as u32,
+        ..Default::default()
     };
     image::write_inventory(&opts.dir, &inv).map_err(img)?;
     Ok(DumpSummary {

@@ -24,6 +24,89 @@ pub struct Inventory {
     pub leave_running: bool,
     /// Page size of the dumping machine.
     pub page_size: u32,
+    /// Whole-container (strict) or sub-tree dump.
+    pub mode: DumpMode,
+    /// Every task of the tree in DFS order from the root, zombies included.
+    pub tree: Vec<TaskEntry>,
+    /// Resources shared with tasks outside the tree (sub-tree mode only;
+    /// container mode refuses to dump when there is any).
+    pub leaks: Vec<Leak>,
+}
+
+/// The two sides of the seeds' debate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DumpMode {
+    /// A sub-tree: dumped even if it shares resources with the outside; every leak is reported.
+    #[default]
+    SubTree,
+    /// A whole container: any leak refuses the dump.
+    Container,
+}
+
+/// The state of a task when the tree was collected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    /// Running or sleeping.
+    #[default]
+    Alive,
+    /// In a group stop (SIGSTOP/SIGTSTP...).
+    Stopped,
+    /// Exited, not yet reaped by its parent.
+    Zombie {
+        /// The wait status its parent will see (`exit_code` field of /proc/PID/stat).
+        exit_code: i32,
+    },
+}
+
+/// One task of the dumped tree: the seeds' data model (pid, tgid, ppid, pgid,
+/// sid in the root task's pid namespace, the depth below that namespace, and
+/// the pid on every nested level).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEntry {
+    /// The pid as pdump saw it (the pid namespace of its /proc); names the images.
+    pub pid: i32,
+    /// Thread-group id, parent, process group and session, in the root task's
+    /// pid namespace (0 where that task is not visible there, e.g. a parent
+    /// outside the tree).
+    pub tgid: i32,
+    /// Parent.
+    pub ppid: i32,
+    /// Process group.
+    pub pgid: i32,
+    /// Session.
+    pub sid: i32,
+    /// Pid-namespace levels between the root task's namespace and the task's own (0 = same).
+    pub depth: u32,
+    /// The task's pid on every level from the root task's namespace down to its own
+    /// (`NSpid` from the root's level on): `vpids[0] == pid in the root's ns`.
+    pub vpids: Vec<i32>,
+    /// `NStgid` from the root's level on.
+    pub vtgids: Vec<i32>,
+    /// `NSpgid` from the root's level on (0 where the group leader is invisible).
+    pub vpgids: Vec<i32>,
+    /// `NSsid` from the root's level on.
+    pub vsids: Vec<i32>,
+    /// Alive, stopped or zombie.
+    pub state: TaskState,
+    /// Threads other than the leader, with their tids on every level.
+    pub threads: Vec<Vec<i32>>,
+    /// PR_SET_CHILD_SUBREAPER is set.
+    pub child_subreaper: bool,
+    /// The task is the init (first task) of a pid namespace the tree creates.
+    pub pidns_init: bool,
+    /// Inode of the task's pid namespace (`/proc/PID/ns/pid`).
+    pub pidns: u64,
+}
+
+/// A resource the tree shares with tasks outside it (seed 003: a "leak").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leak {
+    /// What is shared, e.g. "net namespace net:[4026531840]", "mm", "file /tmp/x (fd 3)".
+    pub resource: String,
+    /// Tree tasks holding it (pids as pdump sees them).
+    pub inside: Vec<i32>,
+    /// Tasks outside the tree holding it (pids as pdump sees them).
+    pub outside: Vec<i32>,
 }
 
 /// `core-PID.img`: one per process (thread group).
