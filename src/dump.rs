@@ -193,7 +193,11 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
         threads.push(model::ThreadState {
             tid: t.tid,
             comm: procfs::comm(pid, t.tid).unwrap_or_default(),
-            gpr: snap.regs.to_words().to_vec(),
+            gpr: {
+                let mut w = vec![0u64; Native::GPR_NAMES.len()];
+                Native::gpr_to_words(&snap.regs, &mut w);
+                w
+            },
             fpregs: snap.fpregs.clone(),
             sigmask: snap.sigmask,
             pending: seized

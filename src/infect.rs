@@ -36,13 +36,13 @@ use std::sync::atomic::Ordering::{Acquire, Release, SeqCst};
 use std::time::{Duration, Instant};
 
 use memmap2::MmapMut;
-use pdump_arch::native::{frame, syscall::nr};
-use pdump_arch::{Arch, Native};
+use pdump_arch::native::syscall::nr;
+use pdump_arch::{AltStack, Arch, Native};
 use pdump_parasite::{cmd, state, Control, Layout, Misc, CTL_MAGIC, PROTOCOL_VERSION};
 
 use crate::blob::{Blob, PARASITE};
 use crate::ptrace::{PtraceError, Seized, Stop};
-use crate::remote::{self, RemoteError, RemoteThread, Stub, ThreadSnapshot};
+use crate::remote::{RemoteError, RemoteThread, Stub, ThreadSnapshot};
 
 /// Errors of infection and of parasite commands.
 #[derive(Debug, thiserror::Error)]
@@ -295,12 +295,12 @@ impl<'a> Parasite<'a> {
         Native::apply_restart(&mut regs);
         let off = self.layout.frame_off;
         let buf = &mut self.local[off..off + pdump_parasite::FRAME_BYTES];
-        frame::build(
+        Native::build_frame(
             buf,
             self.area + off as u64,
             &regs,
             self.snapshot.sigmask,
-            remote::keep_altstack(),
+            AltStack::KEEP,
             &self.snapshot.fpregs,
         )
         .map_err(|e| InfectError::Frame {

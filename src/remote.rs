@@ -31,8 +31,8 @@
 //! # let _ = pid_inside; Ok(()) }
 //! ```
 
-use pdump_arch::native::{frame, UserRegs};
-use pdump_arch::{Arch, Native, SyscallArgs};
+use pdump_arch::native::UserRegs;
+use pdump_arch::{AltStack, Arch, Native, SyscallArgs};
 
 use crate::procfs;
 use crate::ptrace::{PtraceError, Seized, Stop, ALL_SIGNALS};
@@ -306,15 +306,15 @@ impl<'a> RemoteThread<'a> {
         let tid = snapshot.tid;
         let mut cure = snapshot.regs;
         Native::apply_restart(&mut cure);
-        let size = frame::frame_size(snapshot.fpregs.len()) as u64;
+        let size = Native::frame_size(snapshot.fpregs.len()) as u64;
         let frame_addr = (Native::sp(&snapshot.regs) - RED_ZONE - size) & !63;
         let mut buf = vec![0u8; size as usize];
-        let layout = frame::build(
+        let layout = Native::build_frame(
             &mut buf,
             frame_addr,
             &cure,
             snapshot.sigmask,
-            keep_altstack(),
+            AltStack::KEEP,
             &snapshot.fpregs,
         )
         .map_err(|e| RemoteError::Frame {
@@ -446,15 +446,5 @@ pub fn park(seized: &Seized, tid: i32) -> std::result::Result<(), PtraceError> {
                 })
             }
         }
-    }
-}
-
-/// An altstack value that `rt_sigreturn` rejects and so leaves the thread's
-/// real alternate stack untouched (ss_flags outside {0, SS_ONSTACK, SS_DISABLE}).
-pub fn keep_altstack() -> frame::AltStack {
-    frame::AltStack {
-        sp: 0,
-        flags: 3,
-        size: 0,
     }
 }

@@ -118,9 +118,51 @@ pub trait Arch {
     /// Mark the registers as "not in a syscall" so the kernel's restart logic
     /// leaves injected registers alone.
     fn clear_syscall(regs: &mut Self::Regs);
+
+    /// Names of the general-purpose registers, in regset order.
+    const GPR_NAMES: &'static [&'static str];
+    /// The registers as words, in regset order (`out` has `GPR_NAMES.len()` words).
+    fn gpr_to_words(regs: &Self::Regs, out: &mut [u64]);
+    /// Registers from words in regset order.
+    fn gpr_from_words(words: &[u64]) -> Self::Regs;
+
+    /// Bytes an `rt_sigframe` needs for an FPU regset of `fp_len` bytes.
+    fn frame_size(fp_len: usize) -> usize;
+    /// Build an `rt_sigframe` into `buf`, which will live at `frame_addr` in
+    /// the task: `regs` are the registers to resume with (syscall restart
+    /// already applied), `fp` the arch's FPU regset as ptrace returned it.
+    fn build_frame(
+        buf: &mut [u8],
+        frame_addr: u64,
+        regs: &Self::Regs,
+        sigmask: u64,
+        altstack: AltStack,
+        fp: &[u8],
+    ) -> Result<FrameLayout, ArchError>;
 }
 
-/// Offsets and sizes of a frame built by an arch's `frame::build`.
+/// The alternate signal stack a frame reinstates (`stack_t`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AltStack {
+    /// `ss_sp`
+    pub sp: u64,
+    /// `ss_flags`
+    pub flags: i32,
+    /// `ss_size`
+    pub size: u64,
+}
+
+impl AltStack {
+    /// A value `rt_sigreturn` rejects and so leaves the thread's real
+    /// alternate stack untouched (a mode outside {0, SS_ONSTACK, SS_DISABLE}).
+    pub const KEEP: AltStack = AltStack {
+        sp: 0,
+        flags: 3,
+        size: 0,
+    };
+}
+
+/// Offsets and sizes of a frame built by [`Arch::build_frame`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameLayout {
     /// Total bytes used from the frame start.

@@ -1326,6 +1326,7 @@ pub(crate) mod tests {
             processes: pids.to_vec(),
             leave_running: true,
             page_size: PAGE_SIZE as u32,
+            ..Default::default()
         }
     }
 

@@ -13,14 +13,7 @@ use super::{Checkpoint, ImageError, PAGE_SIZE};
 /// are then shown by index). The one place in this module that depends on
 /// the target.
 fn gpr_names() -> &'static [&'static str] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        &pdump_arch::native::UserRegs::NAMES
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        &[]
-    }
+    <pdump_arch::Native as pdump_arch::Arch>::GPR_NAMES
 }
 
 /// The name of general-purpose register word `i` of a thread with `n` words.

@@ -9,7 +9,7 @@
 //! ```
 
 use super::regs::UserRegs;
-use crate::{ArchError, FrameLayout};
+use crate::{AltStack, ArchError, FrameLayout};
 
 /// `FPSIMD_MAGIC`
 pub const FPSIMD_MAGIC: u32 = 0x4650_8001;
@@ -20,17 +20,6 @@ const MCONTEXT: usize = SIGINFO + 176; // 16-byte aligned sigcontext
 const RESERVED: usize = MCONTEXT + 8 + 31 * 8 + 24;
 const FPSIMD_SIZE: usize = 16 + 8 + 32 * 16;
 const TOTAL: usize = MCONTEXT + 8 + 31 * 8 + 24 + 4096;
-
-/// The alternate signal stack to reinstate.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AltStack {
-    /// `ss_sp`
-    pub sp: u64,
-    /// `ss_flags`
-    pub flags: i32,
-    /// `ss_size`
-    pub size: u64,
-}
 
 /// Bytes a frame needs.
 pub fn frame_size(_fp_len: usize) -> usize {

@@ -82,4 +82,41 @@ impl Arch for Impl {
         }
     }
     fn clear_syscall(_r: &mut UserRegs) {}
+
+    const GPR_NAMES: &'static [&'static str] = &[
+        "x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8", "x9", "x10", "x11", "x12", "x13",
+        "x14", "x15", "x16", "x17", "x18", "x19", "x20", "x21", "x22", "x23", "x24", "x25", "x26",
+        "x27", "x28", "x29", "x30", "sp", "pc", "pstate",
+    ];
+    fn gpr_to_words(r: &UserRegs, out: &mut [u64]) {
+        out[..31].copy_from_slice(&r.regs);
+        out[31] = r.sp;
+        out[32] = r.pc;
+        out[33] = r.pstate;
+    }
+    fn gpr_from_words(w: &[u64]) -> UserRegs {
+        let mut r = UserRegs::default();
+        for (i, v) in w.iter().take(34).enumerate() {
+            match i {
+                0..=30 => r.regs[i] = *v,
+                31 => r.sp = *v,
+                32 => r.pc = *v,
+                _ => r.pstate = *v,
+            }
+        }
+        r
+    }
+    fn frame_size(fp_len: usize) -> usize {
+        frame::frame_size(fp_len)
+    }
+    fn build_frame(
+        buf: &mut [u8],
+        frame_addr: u64,
+        regs: &UserRegs,
+        sigmask: u64,
+        altstack: crate::AltStack,
+        fp: &[u8],
+    ) -> Result<crate::FrameLayout, crate::ArchError> {
+        frame::build(buf, frame_addr, regs, sigmask, altstack, fp)
+    }
 }

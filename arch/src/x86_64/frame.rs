@@ -16,7 +16,7 @@
 //! ```
 
 use super::regs::UserRegs;
-use crate::{ArchError, FrameLayout};
+use crate::{AltStack, ArchError, FrameLayout};
 
 const UC_FP_XSTATE: u64 = 0x1;
 const UC_SIGCONTEXT_SS: u64 = 0x2;
@@ -34,17 +34,6 @@ const MCONTEXT_OFF: usize = UCONTEXT_OFF + 40;
 const SIGMASK_OFF: usize = MCONTEXT_OFF + 256;
 const SIGINFO_OFF: usize = SIGMASK_OFF + 8;
 const HEADER_END: usize = SIGINFO_OFF + 128;
-
-/// The alternate signal stack to reinstate (`stack_t`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AltStack {
-    /// `ss_sp`
-    pub sp: u64,
-    /// `ss_flags`
-    pub flags: i32,
-    /// `ss_size`
-    pub size: u64,
-}
 
 /// Check an `NT_X86_XSTATE` regset buffer and return its size. ptrace puts
 /// the task's XCR0 in the first software-reserved word (not the signal-frame

@@ -89,4 +89,28 @@ impl Arch for Impl {
     fn clear_syscall(r: &mut UserRegs) {
         r.orig_rax = u64::MAX;
     }
+
+    const GPR_NAMES: &'static [&'static str] = &UserRegs::NAMES;
+    fn gpr_to_words(r: &UserRegs, out: &mut [u64]) {
+        out[..27].copy_from_slice(&r.to_words());
+    }
+    fn gpr_from_words(w: &[u64]) -> UserRegs {
+        let mut a = [0u64; 27];
+        let n = w.len().min(27);
+        a[..n].copy_from_slice(&w[..n]);
+        UserRegs::from_words(&a)
+    }
+    fn frame_size(fp_len: usize) -> usize {
+        frame::frame_size(fp_len)
+    }
+    fn build_frame(
+        buf: &mut [u8],
+        frame_addr: u64,
+        regs: &UserRegs,
+        sigmask: u64,
+        altstack: crate::AltStack,
+        fp: &[u8],
+    ) -> Result<crate::FrameLayout, crate::ArchError> {
+        frame::build(buf, frame_addr, regs, sigmask, altstack, fp)
+    }
 }
