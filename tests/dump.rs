@@ -369,3 +369,62 @@ fn dump_records_timers_and_handlers() {
     );
     v.finish();
 }
+
+#[test]
+fn show_reports_corrupt_and_truncated_images_with_file_and_offset() {
+    root_or_skip!();
+    let v = Victim::spawn("loop", &[]);
+    let dir = tempdir("corrupt");
+    dump_r(v.pid, &dir);
+    let pid = v.pid;
+    v.finish();
+    let core = dir.join(format!("core-{pid}.img"));
+    let pages = dir.join(format!("pages-{pid}.img"));
+    let good_core = std::fs::read(&core).unwrap();
+    let good_pages = std::fs::read(&pages).unwrap();
+    let names_offset = |e: &str| e.contains("offset") || e.contains("byte");
+    let show = |what: &str| {
+        let out = pdump(&["show", dir.to_str().unwrap()]);
+        assert!(
+            !out.status.success(),
+            "{what}: show accepted a damaged image"
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!err.contains("panicked"), "{what}: pdump panicked: {err}");
+        err
+    };
+    // A flipped payload byte in the core image.
+    let mut b = good_core.clone();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    std::fs::write(&core, &b).unwrap();
+    let err = show("flipped core byte");
+    assert!(
+        err.contains(core.to_str().unwrap()),
+        "names the file: {err}"
+    );
+    assert!(names_offset(&err), "names the offset: {err}");
+    // A truncated core image.
+    std::fs::write(&core, &good_core[..good_core.len() - 100]).unwrap();
+    let err = show("truncated core");
+    assert!(
+        err.contains(core.to_str().unwrap()) && names_offset(&err),
+        "{err}"
+    );
+    std::fs::write(&core, &good_core).unwrap();
+    // Page data: `show` checks structure, `show --json --pages` reads the data.
+    let mut p = good_pages.clone();
+    p[4096 + 10] ^= 1;
+    std::fs::write(&pages, &p).unwrap();
+    let out = pdump(&["show", dir.to_str().unwrap(), "--json", "--pages"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(pages.to_str().unwrap()) && names_offset(&err),
+        "{err}"
+    );
+    // A truncated pages file.
+    std::fs::write(&pages, &good_pages[..good_pages.len() / 2]).unwrap();
+    let err = show("truncated pages");
+    assert!(err.contains(pages.to_str().unwrap()), "{err}");
+}
