@@ -31,6 +31,20 @@ pub struct Inventory {
     /// Resources shared with tasks outside the tree (sub-tree mode only;
     /// container mode refuses to dump when there is any).
     pub leaks: Vec<Leak>,
+    /// Open files held by several processes of the tree (one object, many
+    /// [`FdKind::Shared`] references).
+    pub files: Vec<FileObject>,
+}
+
+/// An open file description shared by several fds of the tree.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileObject {
+    /// Id referenced by [`FdKind::Shared`].
+    pub id: u64,
+    /// `flags:` of the description (O_* open flags).
+    pub flags: u32,
+    /// What it is (never `Shared`).
+    pub kind: FdKind,
 }
 
 /// The two sides of the seeds' debate.
@@ -436,6 +450,28 @@ pub enum FdKind {
         count: u64,
         /// EFD_SEMAPHORE etc.
         efd_flags: u32,
+    },
+    /// A reference to an open file description held by several fds of the
+    /// tree (possibly in several processes): see [`Inventory::files`].
+    Shared {
+        /// The [`FileObject::id`].
+        file_id: u64,
+    },
+    /// A unix domain socket.
+    UnixSocket {
+        /// The socket's inode (`socket:[INODE]`).
+        inode: u64,
+        /// The peer's inode (0 if unconnected).
+        peer_inode: u64,
+        /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+        sock_type: i32,
+        /// Bound address (abstract names start with a NUL byte), empty if none.
+        name: Vec<u8>,
+        /// Bytes queued for this end to read (peeked, not consumed); for
+        /// datagram sockets each message as its own entry.
+        queued: Vec<Vec<u8>>,
+        /// SHUT_RD/SHUT_WR state as sock_diag reports it.
+        shutdown: u32,
     },
     /// A memfd.
     Memfd {

@@ -403,6 +403,28 @@ fn fd_kind(k: &FdKind) -> String {
             "memfd:{name} inode {inode} pos {pos} size {} seals {seals:#x}",
             contents.len()
         ),
+        FdKind::Shared { file_id } => format!("shared file object #{file_id}"),
+        FdKind::UnixSocket {
+            inode,
+            peer_inode,
+            sock_type,
+            name,
+            queued,
+            shutdown,
+        } => {
+            let ty = match *sock_type {
+                1 => "stream",
+                2 => "dgram",
+                5 => "seqpacket",
+                _ => "other",
+            };
+            format!(
+                "unix {ty} socket:[{inode}] peer [{peer_inode}] name {:?} {} bytes queued in {} message(s) shutdown {shutdown}",
+                String::from_utf8_lossy(name),
+                queued.iter().map(Vec::len).sum::<usize>(),
+                queued.len()
+            )
+        }
     }
 }
 
