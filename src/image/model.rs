@@ -451,6 +451,19 @@ pub enum FdKind {
         /// EFD_SEMAPHORE etc.
         efd_flags: u32,
     },
+    /// A memfd.
+    Memfd {
+        /// Name without the "memfd:" prefix.
+        name: String,
+        /// Inode (fds of one memfd share it).
+        inode: u64,
+        /// Position.
+        pos: u64,
+        /// Contents.
+        contents: Vec<u8>,
+        /// F_GET_SEALS.
+        seals: u32,
+    },
     /// A reference to an open file description held by several fds of the
     /// tree (possibly in several processes): see [`Inventory::files`].
     Shared {
@@ -472,18 +485,5 @@ pub enum FdKind {
         queued: Vec<Vec<u8>>,
         /// SHUT_RD/SHUT_WR state as sock_diag reports it.
         shutdown: u32,
-    },
-    /// A memfd.
-    Memfd {
-        /// Name without the "memfd:" prefix.
-        name: String,
-        /// Inode (fds of one memfd share it).
-        inode: u64,
-        /// Position.
-        pos: u64,
-        /// Contents.
-        contents: Vec<u8>,
-        /// F_GET_SEALS.
-        seals: u32,
     },
 }

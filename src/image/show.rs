@@ -58,11 +58,103 @@ pub fn render_text(cp: &Checkpoint) -> String {
             "stopped after dump"
         }
     );
+    render_tree(&mut out, inv);
     for p in &cp.processes {
         out.push('\n');
         render_process(&mut out, p);
     }
     out
+}
+
+/// The task table of the seeds: every task in DFS order with its ids in the
+/// root's pid namespace and its pid on every nested level.
+fn render_tree(out: &mut String, inv: &crate::image::model::Inventory) {
+    use crate::image::model::{DumpMode, TaskState};
+    line!(
+        out,
+        "  mode {}",
+        match inv.mode {
+            DumpMode::Container => "container (nothing shared with the outside)",
+            DumpMode::SubTree => "sub-tree (resources shared with the outside are reported)",
+        }
+    );
+    if !inv.tree.is_empty() {
+        line!(
+            out,
+            "\ntree ({} tasks, ids in the root task's pid namespace):",
+            inv.tree.len()
+        );
+        line!(
+            out,
+            "  {:>7} {:>7} {:>7} {:>7} {:>7} {:>5}  {:<22} {:<10} flags",
+            "pid",
+            "tgid",
+            "ppid",
+            "pgid",
+            "sid",
+            "depth",
+            "pids per level",
+            "state"
+        );
+        for t in &inv.tree {
+            let levels = t
+                .vpids
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("/");
+            let state = match t.state {
+                TaskState::Alive => "alive".to_string(),
+                TaskState::Stopped => "stopped".to_string(),
+                TaskState::Zombie { exit_code } => format!("zombie({exit_code:#x})"),
+            };
+            let mut flags = Vec::new();
+            if t.pidns_init {
+                flags.push("pidns-init".to_string());
+            }
+            if t.child_subreaper {
+                flags.push("subreaper".to_string());
+            }
+            if !t.threads.is_empty() {
+                flags.push(format!("+{} threads", t.threads.len()));
+            }
+            line!(
+                out,
+                "  {:>7} {:>7} {:>7} {:>7} {:>7} {:>5}  {:<22} {:<10} {}",
+                t.pid,
+                t.tgid,
+                t.ppid,
+                t.pgid,
+                t.sid,
+                t.depth,
+                levels,
+                state,
+                flags.join(" ")
+            );
+        }
+    }
+    if !inv.leaks.is_empty() {
+        line!(
+            out,
+            "\nshared with tasks outside the tree ({}):",
+            inv.leaks.len()
+        );
+        for l in &inv.leaks {
+            line!(
+                out,
+                "  {}: inside {:?}, outside {:?}",
+                l.resource,
+                l.inside,
+                l.outside
+            );
+        }
+    }
+    if !inv.files.is_empty() {
+        line!(out, "\nfiles shared by several fds ({}):", inv.files.len());
+        for f in &inv.files {
+            line!(out, "  #{} flags {:#o} {}", f.id, f.flags, fd_kind(&f.kind));
+        }
+    }
 }
 
 fn render_process(out: &mut String, p: &ProcessImage) {
