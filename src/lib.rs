@@ -56,6 +56,7 @@ pub mod error;
 pub mod fault;
 pub mod image;
 pub mod infect;
+pub mod leaks;
 pub mod procfs;
 pub mod ptrace;
 pub mod remote;
