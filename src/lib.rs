@@ -60,5 +60,6 @@ pub mod leaks;
 pub mod procfs;
 pub mod ptrace;
 pub mod remote;
+pub mod tree;
 
 pub use error::{Error, Result};
