@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use pdump::dump::{dump_process, DumpOptions};
+use pdump::dump::{dump_tree, DumpOptions};
 use pdump::image::{self, show};
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
@@ -30,16 +30,20 @@ fn print(s: &str) -> CliResult {
 }
 
 /// `pdump dump` / `pdump PID`.
-pub fn dump(pid: i32, dir: PathBuf, leave_running: bool) -> CliResult {
+pub fn dump(pid: i32, dir: PathBuf, opts: DumpOptions) -> CliResult {
+    let leave_running = opts.leave_running;
     let opts = DumpOptions {
         dir: dir.clone(),
-        leave_running,
-        ..DumpOptions::default()
+        ..opts
     };
-    let s = dump_process(pid, &opts)?;
-    print(&format!(
-        "dumped pid {} ({} threads, {} mappings, {} pages) into {} in {:.1} ms (frozen {:.1} ms){}\n",
+    let s = dump_tree(pid, &opts)?;
+    let mut msg =
+        format!(
+        "dumped the tree of pid {} ({} processes, {} zombies, {} threads, {} mappings, {} pages) \
+         into {} in {:.1} ms (frozen {:.1} ms){}\n",
         s.pid,
+        s.processes,
+        s.zombies,
         s.threads,
         s.vmas,
         s.pages,
@@ -47,7 +51,14 @@ pub fn dump(pid: i32, dir: PathBuf, leave_running: bool) -> CliResult {
         s.total.as_secs_f64() * 1e3,
         s.frozen.as_secs_f64() * 1e3,
         if leave_running { ", left running" } else { ", killed" }
-    ))
+    );
+    if s.container {
+        msg.push_str("container mode: nothing is shared with tasks outside the tree\n");
+    } else if !s.leaks.is_empty() {
+        msg.push_str("sub-tree mode: ");
+        msg.push_str(&pdump::leaks::render(&s.leaks));
+    }
+    print(&msg)
 }
 
 /// `pdump show`.
@@ -121,7 +132,7 @@ pub fn demo(dir: Option<PathBuf>) -> CliResult {
         leave_running: true,
         ..DumpOptions::default()
     };
-    let result = dump_process(pid, &opts);
+    let result = dump_tree(pid, &opts);
     let s = match result {
         Ok(s) => s,
         Err(e) => {

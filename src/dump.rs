@@ -1,18 +1,31 @@
-//! Dumping one process into a checkpoint directory.
+//! Dumping a process tree into a checkpoint directory.
 //!
 //! ```text
-//!  seize all threads ─ snapshot regs/xstate/mask/pending/rseq ─ read /proc
-//!  (VMAs, fds, creds, limits, ...) ─ refuse unsupported fds (task untouched)
-//!  ─ infect ─ MISC (sigactions, itimers, timers, altstack) ─ altstacks of the
-//!  other threads (remote syscalls) ─ pages: parasite vmsplices present pages
-//!  into page pipes, dumper threads splice them into pages-PID.img
-//!  ─ cure ─ detach (or kill) ─ checksums ─ core-PID.img, inventory.img
+//!  collect the tree (DFS, pid on every pid-ns level, zombies)
+//!  ─ seize every process, re-collect, seize the newcomers, until stable
+//!  ─ leaks: resources shared with the outside (container mode refuses)
+//!  ─ per process, in parallel on a pool of worker threads (the thread that
+//!    seized a task is its tracer and does all its ptrace work):
+//!      snapshot regs/xstate/mask/pending/rseq ─ read /proc (VMAs, fds, creds,
+//!      limits, ...) ─ refuse unsupported fds ─ infect ─ MISC (sigactions,
+//!      itimers, timers, altstack, subreaper) ─ other threads' altstacks ─
+//!      pages: the parasite vmsplices present pages into a page pipe, the
+//!      worker splices them into pages-PID.img ─ cure (still seized)
+//!  ─ files shared between processes become one object each
+//!  ─ core-PID.img per process, inventory.img last
+//!  ─ release: detach everything (--leave-running) or kill the tree
 //! ```
+//!
+//! Any error releases every task untouched (workers cure and detach on drop)
+//! and leaves no inventory behind, so a failed dump is never mistaken for a
+//! checkpoint.
 
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crossbeam::channel::{unbounded, Receiver, Sender};
 use pdump_arch::{Arch, Native};
 
 use crate::image::{self, model};
@@ -120,6 +133,38 @@ pub enum DumpError {
         #[source]
         source: nix::Error,
     },
+    /// Collecting the tree failed.
+    #[error("collecting the process tree of {root}")]
+    Tree {
+        /// The root.
+        root: i32,
+        /// Cause.
+        #[source]
+        source: crate::tree::TreeError,
+    },
+    /// The tree kept changing while it was being seized.
+    #[error("the tree of {root} kept changing after {rounds} rounds of seizing")]
+    Unstable {
+        /// The root.
+        root: i32,
+        /// Rounds tried.
+        rounds: usize,
+    },
+    /// Looking for leaks failed, or container mode found some.
+    #[error("checking the tree of {root} for resources shared with the outside")]
+    Leaks {
+        /// The root.
+        root: i32,
+        /// Cause.
+        #[source]
+        source: crate::leaks::LeakError,
+    },
+    /// A dump worker thread died.
+    #[error("dump worker {index} died")]
+    Worker {
+        /// The worker.
+        index: usize,
+    },
 }
 
 type Result<T> = std::result::Result<T, DumpError>;
@@ -135,6 +180,11 @@ pub struct DumpOptions {
     pub pipe_size: usize,
     /// Largest batch of pages per parasite command (bytes).
     pub batch_bytes: u64,
+    /// Container mode (refuse any leak): `None` picks it when the root is the
+    /// init of a pid namespace, sub-tree mode otherwise.
+    pub container: Option<bool>,
+    /// Worker threads (0: one per CPU, at least 2).
+    pub workers: usize,
 }
 
 impl Default for DumpOptions {
@@ -144,6 +194,8 @@ impl Default for DumpOptions {
             leave_running: true,
             pipe_size: 1 << 20,
             batch_bytes: 64 << 20,
+            container: None,
+            workers: 0,
         }
     }
 }
@@ -153,13 +205,21 @@ impl Default for DumpOptions {
 pub struct DumpSummary {
     /// Root pid.
     pub pid: i32,
+    /// Processes dumped (zombies not counted).
+    pub processes: usize,
+    /// Zombies recorded.
+    pub zombies: usize,
     /// Threads dumped.
     pub threads: usize,
     /// Mappings recorded.
     pub vmas: usize,
     /// Pages written.
     pub pages: u64,
-    /// Time the task was frozen.
+    /// Container (strict) mode.
+    pub container: bool,
+    /// Resources shared with the outside (sub-tree mode).
+    pub leaks: Vec<model::Leak>,
+    /// Time the tree was frozen.
     pub frozen: Duration,
     /// Total time.
     pub total: Duration,
@@ -169,35 +229,398 @@ fn ns(sec: i64, sub: i64, sub_per_sec: i64) -> u64 {
     (sec.max(0) as u64) * 1_000_000_000 + (sub.max(0) as u64) * (1_000_000_000 / sub_per_sec as u64)
 }
 
-/// Dump process `pid` (all its threads) into `opts.dir`.
+/// What a worker produced for one process.
+struct ProcessDump {
+    img: model::ProcessImage,
+    child_subreaper: bool,
+}
+
+enum Job {
+    Seize(i32),
+    Dump(i32),
+    Release { kill: bool },
+}
+
+enum Reply {
+    Seized(i32, Result<()>),
+    Dumped(i32, Box<Result<ProcessDump>>),
+    Released(Result<()>),
+}
+
+/// A dump worker: the tracer of the processes it seized.
+struct Worker {
+    tx: Option<Sender<Job>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+fn worker_loop(rx: Receiver<Job>, tx: Sender<Reply>, opts: DumpOptions) {
+    let mut owned: BTreeMap<i32, Seized> = BTreeMap::new();
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Seize(pid) => {
+                let r = Seized::seize(pid)
+                    .map(|s| {
+                        owned.insert(pid, s);
+                    })
+                    .map_err(|source| DumpError::Ptrace {
+                        pid,
+                        step: "seizing",
+                        source,
+                    });
+                let _ = tx.send(Reply::Seized(pid, r));
+            }
+            Job::Dump(pid) => {
+                let r = match owned.get(&pid) {
+                    Some(s) => dump_one(s, &opts),
+                    None => Err(DumpError::Ptrace {
+                        pid,
+                        step: "dumping",
+                        source: PtraceError::NoSuchProcess { pid },
+                    }),
+                };
+                let _ = tx.send(Reply::Dumped(pid, Box::new(r)));
+            }
+            Job::Release { kill } => {
+                let mut result = Ok(());
+                for (pid, s) in std::mem::take(&mut owned) {
+                    let r = if kill {
+                        let r = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        )
+                        .map_err(|source| DumpError::Kill { pid, source });
+                        s.forget();
+                        r
+                    } else {
+                        s.detach().map_err(|source| DumpError::Ptrace {
+                            pid,
+                            step: "detaching",
+                            source,
+                        })
+                    };
+                    if result.is_ok() {
+                        result = r;
+                    }
+                }
+                let _ = tx.send(Reply::Released(result));
+            }
+        }
+    }
+    // Channel closed (dump failed or finished): every Seized left detaches on drop.
+}
+
+struct Pool {
+    workers: Vec<Worker>,
+    rx: Receiver<Reply>,
+    owner: HashMap<i32, usize>,
+    next: usize,
+}
+
+impl Pool {
+    fn new(n: usize, opts: &DumpOptions) -> Pool {
+        let (rtx, rx) = unbounded();
+        let workers = (0..n)
+            .map(|i| {
+                let (tx, jrx) = unbounded();
+                let rtx = rtx.clone();
+                let opts = opts.clone();
+                let handle = std::thread::Builder::new()
+                    .name(format!("pdump-worker-{i}"))
+                    .spawn(move || worker_loop(jrx, rtx, opts))
+                    .expect("spawning a dump worker");
+                Worker {
+                    tx: Some(tx),
+                    handle: Some(handle),
+                }
+            })
+            .collect();
+        Pool {
+            workers,
+            rx,
+            owner: HashMap::new(),
+            next: 0,
+        }
+    }
+
+    fn send(&self, w: usize, job: Job) -> Result<()> {
+        self.workers[w]
+            .tx
+            .as_ref()
+            .and_then(|t| t.send(job).ok())
+            .ok_or(DumpError::Worker { index: w })
+    }
+
+    fn recv(&self) -> Result<Reply> {
+        self.rx
+            .recv()
+            .map_err(|_| DumpError::Worker { index: usize::MAX })
+    }
+
+    /// Seize `pids` (spread over the workers); returns the pids that vanished.
+    fn seize(&mut self, pids: &[i32]) -> Result<Vec<i32>> {
+        for &pid in pids {
+            let w = self.next % self.workers.len();
+            self.next += 1;
+            self.owner.insert(pid, w);
+            self.send(w, Job::Seize(pid))?;
+        }
+        let mut gone = Vec::new();
+        let mut first_err = None;
+        for _ in pids {
+            if let Reply::Seized(pid, r) = self.recv()? {
+                match r {
+                    Ok(()) => {}
+                    Err(DumpError::Ptrace {
+                        source: PtraceError::NoSuchProcess { .. },
+                        ..
+                    })
+                    | Err(DumpError::Ptrace {
+                        source: PtraceError::Zombie { .. },
+                        ..
+                    }) => {
+                        self.owner.remove(&pid);
+                        gone.push(pid);
+                    }
+                    Err(e) => {
+                        self.owner.remove(&pid);
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(gone),
+        }
+    }
+
+    /// Dump every seized process in parallel.
+    fn dump(&self, order: &[i32]) -> Result<HashMap<i32, ProcessDump>> {
+        for pid in order {
+            self.send(self.owner[pid], Job::Dump(*pid))?;
+        }
+        let mut out = HashMap::new();
+        let mut first_err = None;
+        for _ in order {
+            if let Reply::Dumped(pid, r) = self.recv()? {
+                match *r {
+                    Ok(d) => {
+                        out.insert(pid, d);
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    fn release(&self, kill: bool) -> Result<()> {
+        for w in 0..self.workers.len() {
+            self.send(w, Job::Release { kill })?;
+        }
+        let mut result = Ok(());
+        for _ in 0..self.workers.len() {
+            if let Reply::Released(r) = self.recv()? {
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.tx = None; // the worker drops its Seized tasks: they run again untouched
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Dump the tree rooted at `root` into `opts.dir`.
+pub fn dump_tree(root: i32, opts: &DumpOptions) -> Result<DumpSummary> {
+    dump_impl(root, opts, false)
+}
+
+/// Dump exactly one process (all its threads, none of its children).
 pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
+    dump_impl(pid, opts, true)
+}
+
+fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
         path: opts.dir.clone(),
         source,
     })?;
+    // A stale inventory must not make a failed dump look like a checkpoint.
+    let _ = std::fs::remove_file(opts.dir.join(image::INVENTORY_FILE));
+    let collect = || -> Result<crate::tree::Tree> {
+        let mut t =
+            crate::tree::collect(root).map_err(|source| DumpError::Tree { root, source })?;
+        if single {
+            t.tasks.truncate(1);
+        }
+        Ok(t)
+    };
+    let mut tree = collect()?;
+    let nworkers = if opts.workers > 0 {
+        opts.workers
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(2)
+    };
+    let mut pool = Pool::new(nworkers.min(tree.tasks.len().max(1)), opts);
+
+    // Seize, re-collect, seize newcomers, until stable.
+    let frozen_at = Instant::now();
+    let mut seized: std::collections::BTreeSet<i32> = Default::default();
+    let mut rounds = 0;
+    loop {
+        let new: Vec<i32> = alive(&tree)
+            .into_iter()
+            .filter(|p| !seized.contains(p))
+            .collect();
+        if new.is_empty() && rounds > 0 {
+            break;
+        }
+        rounds += 1;
+        if rounds > 20 {
+            return Err(DumpError::Unstable { root, rounds });
+        }
+        let gone = pool.seize(&new)?;
+        seized.extend(new.iter().filter(|p| !gone.contains(p)));
+        tree = collect()?;
+    }
+    let order: Vec<i32> = alive(&tree);
+    seized.retain(|p| order.contains(p)); // exited before we got them: they are zombies now
+
+    // Leaks (before any fd of the tree is duplicated into pdump).
+    let root_entry = tree.tasks.first().cloned().unwrap_or_default();
+    let container = opts.container.unwrap_or(root_entry.pidns_init);
+    let leaks =
+        crate::leaks::find_leaks(&order).map_err(|source| DumpError::Leaks { root, source })?;
+    if container {
+        crate::leaks::refuse_if_leaks(&leaks)
+            .map_err(|source| DumpError::Leaks { root, source })?;
+    }
+
+    let mut dumps = pool.dump(&order)?;
+    let mut images: Vec<model::ProcessImage> = Vec::with_capacity(order.len());
+    for pid in &order {
+        let d = dumps.remove(pid).expect("every seized process was dumped");
+        if let Some(t) = tree.tasks.iter_mut().find(|t| t.pid == *pid) {
+            t.child_subreaper = d.child_subreaper;
+            // A seized task reads as traced ('t'), not stopped: the group stop
+            // we saw while seizing is the truth.
+            if d.img.threads.first().is_some_and(|th| th.stopped) {
+                t.state = model::TaskState::Stopped;
+            }
+        }
+        images.push(d.img);
+    }
+    let files = Vec::new(); // TODO(fdshare): one object per file shared between processes
+
+    // Everything is gathered: release the tree (it runs again, or dies).
+    pool.release(!opts.leave_running)?;
+    let frozen = frozen_at.elapsed();
+    drop(pool);
+
+    let mut summary = DumpSummary {
+        pid: root,
+        processes: images.len(),
+        zombies: tree
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.state, model::TaskState::Zombie { .. }))
+            .count(),
+        container,
+        leaks: leaks.clone(),
+        frozen,
+        ..Default::default()
+    };
+    for img in &images {
+        summary.threads += img.threads.len();
+        summary.vmas += img.vmas.len();
+        summary.pages += img
+            .vmas
+            .iter()
+            .flat_map(|v| v.pages.iter())
+            .map(|r| r.npages)
+            .sum::<u64>();
+        image::write_process(&opts.dir, img).map_err(|source| DumpError::Image {
+            pid: img.pid,
+            source,
+        })?;
+    }
+    let inv = model::Inventory {
+        pdump_version: env!("CARGO_PKG_VERSION").to_string(),
+        arch: Native::NAME.to_string(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        root_pid: root,
+        processes: order.clone(),
+        leave_running: opts.leave_running,
+        page_size: pdump_arch::PAGE_SIZE as u32,
+        mode: if container {
+            model::DumpMode::Container
+        } else {
+            model::DumpMode::SubTree
+        },
+        tree: tree.tasks,
+        leaks,
+        files,
+    };
+    image::write_inventory(&opts.dir, &inv)
+        .map_err(|source| DumpError::Image { pid: root, source })?;
+    summary.total = t0.elapsed();
+    Ok(summary)
+}
+
+fn alive(tree: &crate::tree::Tree) -> Vec<i32> {
+    tree.tasks
+        .iter()
+        .filter(|t| !matches!(t.state, model::TaskState::Zombie { .. }))
+        .map(|t| t.pid)
+        .collect()
+}
+
+/// Dump one seized process (worker thread: its tracer). The process stays
+/// seized; the caller releases it.
+fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
+    let pid = seized.pid();
     let ptr = |step| move |source| DumpError::Ptrace { pid, step, source };
     let prc = |step| move |source| DumpError::Proc { pid, step, source };
-    let seized = Seized::seize(pid).map_err(ptr("seizing"))?;
-    let pid = seized.pid();
-    let frozen_at = Instant::now();
 
     // Everything from outside first: a refusal leaves the task untouched.
     let mut threads = Vec::new();
     let mut snapshots = Vec::new();
     for t in seized.threads() {
-        let snap = ThreadSnapshot::take(&seized, t.tid).map_err(ptr("reading registers"))?;
-        let mut gpr = snap.regs;
-        let restart = Native::interrupted_syscall(&gpr);
-        let _ = &mut gpr;
+        let snap = ThreadSnapshot::take(seized, t.tid).map_err(ptr("reading registers"))?;
+        let mut gpr = vec![0u64; Native::GPR_NAMES.len()];
+        Native::gpr_to_words(&snap.regs, &mut gpr);
         threads.push(model::ThreadState {
             tid: t.tid,
             comm: procfs::comm(pid, t.tid).unwrap_or_default(),
-            gpr: {
-                let mut w = vec![0u64; Native::GPR_NAMES.len()];
-                Native::gpr_to_words(&snap.regs, &mut w);
-                w
-            },
+            gpr,
             fpregs: snap.fpregs.clone(),
             sigmask: snap.sigmask,
             pending: seized
@@ -205,7 +628,7 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
                 .map_err(ptr("reading pending signals"))?,
             altstack: model::AltStack::default(),
             rseq: seized.rseq(t.tid).map_err(ptr("reading rseq"))?,
-            restart_syscall: restart,
+            restart_syscall: Native::interrupted_syscall(&snap.regs),
             stopped: t.was_stopped,
         });
         snapshots.push(snap);
@@ -260,7 +683,7 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
 
     // Inside: the parasite.
     let inf = |step| move |source| DumpError::Infect { pid, step, source };
-    let mut parasite = Parasite::infect(&seized).map_err(inf("infecting"))?;
+    let mut parasite = Parasite::infect(seized).map_err(inf("infecting"))?;
     let ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let misc = parasite.misc(&ids).map_err(inf("gathering signal state"))?;
     proc_img.sigactions = misc
@@ -299,53 +722,29 @@ pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
         flags: misc.altstack[1] as i32,
         size: misc.altstack[2],
     };
-    thread_altstacks(&seized, &mut parasite, &snapshots, &mut proc_img)?;
+    let child_subreaper = {
+        const PR_GET_CHILD_SUBREAPER: u64 = 37;
+        let addr = parasite.data_addr();
+        let r = parasite
+            .syscall(
+                pdump_arch::native::syscall::nr::PRCTL,
+                &[PR_GET_CHILD_SUBREAPER, addr],
+            )
+            .map_err(inf("reading the child-subreaper flag"))?;
+        r == 0 && parasite.data_mut()[..4] != [0, 0, 0, 0]
+    };
+    thread_altstacks(seized, &mut parasite, &snapshots, &mut proc_img)?;
 
     // Pages.
-    let (runs_bytes, pages) = dump_pages(&seized, &mut parasite, &mut vmas, &opts.dir, opts)?;
+    let (runs_bytes, _pages) = dump_pages(seized, &mut parasite, &mut vmas, &opts.dir, opts)?;
     proc_img.vmas = vmas;
     proc_img.pages_bytes = runs_bytes;
-
     parasite.cure().map_err(inf("curing"))?;
-    let frozen = frozen_at.elapsed();
-    if opts.leave_running {
-        seized.detach().map_err(ptr("detaching"))?;
-    } else {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .map_err(|source| DumpError::Kill { pid, source })?;
-        seized.forget();
-    }
 
-    let img = |source| DumpError::Image { pid, source };
-    checksum_runs(&opts.dir, &mut proc_img).map_err(img)?;
-    image::write_process(&opts.dir, &proc_img).map_err(img)?;
-    let inv = model::Inventory {
-        pdump_version: env!("CARGO_PKG_VERSION").to_string(),
-        arch: Native::NAME.to_string(),
-        kernel: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        root_pid: pid,
-        processes: vec![pid],
-        leave_running: opts.leave_running,
-        page_size: pdump_arch::PAGE_SIZE as u32,
-        ..Default::default()
-    };
-    image::write_inventory(&opts.dir, &inv).map_err(img)?;
-    Ok(DumpSummary {
-        pid,
-        threads: proc_img.threads.len(),
-        vmas: proc_img.vmas.len(),
-        pages,
-        frozen,
-        total: t0.elapsed(),
+    checksum_runs(&opts.dir, &mut proc_img).map_err(|source| DumpError::Image { pid, source })?;
+    Ok(ProcessDump {
+        img: proc_img,
+        child_subreaper,
     })
 }
 

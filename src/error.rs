@@ -28,6 +28,12 @@ pub enum Error {
     /// A dump failed.
     #[error(transparent)]
     Dump(#[from] crate::dump::DumpError),
+    /// Collecting the process tree failed.
+    #[error(transparent)]
+    Tree(#[from] crate::tree::TreeError),
+    /// Leak detection failed, or found leaks in container mode.
+    #[error(transparent)]
+    Leak(#[from] crate::leaks::LeakError),
     /// I/O on a path.
     #[error("{op} {path}")]
     Io {

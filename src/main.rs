@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pdump::dump::DumpOptions;
 
 mod cli;
 
@@ -11,7 +12,7 @@ mod cli;
 #[derive(Parser, Debug)]
 #[command(name = "pdump", version, about, args_conflicts_with_subcommands = true)]
 struct Args {
-    /// Short form: dump PID into ./pdump-PID and leave it running.
+    /// Short form: dump the tree of PID into ./pdump-PID and leave it running.
     pid: Option<i32>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -19,7 +20,7 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Dump a process into an image directory.
+    /// Dump the process tree rooted at a pid into an image directory.
     Dump {
         /// The process to dump.
         #[arg(short = 't', long = "tree")]
@@ -27,9 +28,20 @@ enum Cmd {
         /// The image directory.
         #[arg(short = 'D', long = "images-dir")]
         dir: PathBuf,
-        /// Leave the process running after the dump (default: kill it).
+        /// Leave the tree running after the dump (default: kill it).
         #[arg(short = 'R', long)]
         leave_running: bool,
+        /// Container mode: refuse to dump if anything is shared with tasks
+        /// outside the tree (default when the root is a pid-namespace init).
+        #[arg(long, conflicts_with = "subtree")]
+        container: bool,
+        /// Sub-tree mode: dump even if resources are shared with the outside,
+        /// and report each of them (default otherwise).
+        #[arg(long)]
+        subtree: bool,
+        /// Dump worker threads (default: one per CPU, at least 2).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
     },
     /// Show what an image directory holds.
     Show {
@@ -63,15 +75,35 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
     let result = match (args.pid, args.cmd) {
-        (Some(pid), None) => cli::dump(pid, PathBuf::from(format!("pdump-{pid}")), true),
+        (Some(pid), None) => cli::dump(
+            pid,
+            PathBuf::from(format!("pdump-{pid}")),
+            DumpOptions::default(),
+        ),
         (
             None,
             Some(Cmd::Dump {
                 pid,
                 dir,
                 leave_running,
+                container,
+                subtree,
+                workers,
             }),
-        ) => cli::dump(pid, dir, leave_running),
+        ) => {
+            let container = match (container, subtree) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            let opts = DumpOptions {
+                leave_running,
+                container,
+                workers,
+                ..DumpOptions::default()
+            };
+            cli::dump(pid, dir, opts)
+        }
         (None, Some(Cmd::Show { dir, json, pages })) => cli::show(&dir, json, pages),
         (None, Some(Cmd::Check { json })) => cli::check(json),
         (None, Some(Cmd::Demo { dir })) => cli::demo(dir),

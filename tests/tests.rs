@@ -5,4 +5,5 @@ mod dump;
 mod fault;
 mod golden;
 mod infect;
+mod leaks;
 pub mod util;
