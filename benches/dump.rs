@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pdump::dump::{dump_process, DumpOptions};
+use pdump::dump::{dump_process, dump_tree, DumpOptions};
 use pdump::infect::Parasite;
 use pdump::ptrace::Seized;
 
@@ -152,6 +152,40 @@ fn main() {
     drop(v);
     let _ = std::fs::remove_dir_all(&tmp);
 
+    // 3. Trees: a 200-process tree and a 64-thread process, against copying
+    // the same processes' memory with process_vm_readv in the same run.
+    let mut tree_rows = Vec::new();
+    for preset in ["wide200", "threads64"] {
+        let v = spawn(&["tree-preset", preset]);
+        let tree = pdump::tree::collect(v.pid).unwrap();
+        let pids = tree.alive();
+        let mut best = (Duration::MAX, Duration::MAX, Duration::MAX, 0usize, 0usize);
+        for round in 0..3 {
+            let dir = tmp.join(format!("tree-{preset}-{round}"));
+            let t = Instant::now();
+            let opts = DumpOptions {
+                dir: dir.clone(),
+                leave_running: true,
+                container: Some(false),
+                ..DumpOptions::default()
+            };
+            let s = dump_tree(v.pid, &opts).unwrap();
+            let dt = t.elapsed();
+            let t = Instant::now();
+            for p in &pids {
+                reference_copy(*p, &tmp.join("ref.bin"));
+            }
+            let rt = t.elapsed();
+            if dt < best.0 {
+                best = (dt, s.frozen, rt, s.processes, s.threads);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(tmp.join("ref.bin"));
+        }
+        tree_rows.push((preset, best));
+        drop(v);
+    }
+
     println!("\npdump benchmarks (same run, same disk; {mib} MiB victim)\n");
     println!(
         "seize+infect+cure per task: {:.3} ms (mean of {n})",
@@ -173,4 +207,17 @@ fn main() {
             g / rg
         );
     }
+    println!();
+    println!("| tree | processes | threads | pdump dump s (best of 3) | frozen s | process_vm_readv of every process s | pdump/ref time |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, (dt, fz, rt, procs, threads)) in &tree_rows {
+        println!(
+            "| {name} | {procs} | {threads} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            dt.as_secs_f64(),
+            fz.as_secs_f64(),
+            rt.as_secs_f64(),
+            dt.as_secs_f64() / rt.as_secs_f64()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }

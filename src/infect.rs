@@ -142,6 +142,9 @@ fn errno_of(r: i64) -> nix::Error {
 
 /// The parasite living inside one seized process.
 pub struct Parasite<'a> {
+    // Declared before `local`: a held guard must be released while the
+    // shared area is still mapped (fields drop in declaration order).
+    guard: Option<guard::Held>,
     seized: &'a Seized,
     pid: i32,
     tid: i32,
@@ -161,6 +164,116 @@ impl std::fmt::Debug for Parasite<'_> {
             .field("pid", &self.pid)
             .field("area", &self.area)
             .finish()
+    }
+}
+
+/// The blob's guard: a robust futex held by the dumper thread.
+///
+/// While the blob waits without a pipe to watch, the dumper thread holds
+/// `Control::guard` (its tid in the word) with the word linked into the
+/// thread's robust futex list. If the thread dies (SIGKILL included), the
+/// kernel's exit path sets FUTEX_OWNER_DIED in the word and wakes the blob,
+/// which then cures the task on its own. No pid is involved, so it works for
+/// tasks in any pid namespace.
+mod guard {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+
+    /// `struct robust_list_head`.
+    #[repr(C)]
+    struct Head {
+        list: u64,
+        futex_offset: i64,
+        pending: u64,
+    }
+
+    thread_local! {
+        static HEAD: Box<std::cell::UnsafeCell<Head>> =
+            Box::new(std::cell::UnsafeCell::new(Head { list: 0, futex_offset: 0, pending: 0 }));
+    }
+
+    /// A held guard; release it with [`Held::release`] (also on drop).
+    pub struct Held {
+        word: *const AtomicU32,
+        prev_head: u64,
+        prev_len: usize,
+        released: bool,
+    }
+
+    /// Hold `word` (in the shared area) with `entry` (also in the shared area)
+    /// as this thread's robust-list entry.
+    pub fn hold(word: &AtomicU32, entry: &AtomicU64) -> Held {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        word.store(tid, SeqCst);
+        let mut prev_head = 0u64;
+        let mut prev_len = 0usize;
+        // SAFETY: get_robust_list for the calling thread writes one pointer
+        // and one length into locals we own.
+        unsafe {
+            libc::syscall(
+                libc::SYS_get_robust_list,
+                0,
+                &mut prev_head as *mut u64,
+                &mut prev_len as *mut usize,
+            )
+        };
+        HEAD.with(|h| {
+            let head = h.get();
+            let head_addr = head as u64;
+            let entry_addr = entry as *const AtomicU64 as u64;
+            // The list is circular: the entry points back at the head.
+            entry.store(head_addr, SeqCst);
+            // SAFETY: the head is this thread's own, boxed (stable address),
+            // and only the kernel reads it, at this thread's exit.
+            unsafe {
+                (*head).list = entry_addr;
+                (*head).futex_offset = word as *const AtomicU32 as i64 - entry_addr as i64;
+                (*head).pending = 0;
+                libc::syscall(libc::SYS_set_robust_list, head, std::mem::size_of::<Head>());
+            }
+        });
+        Held {
+            word,
+            prev_head,
+            prev_len,
+            released: false,
+        }
+    }
+
+    impl Held {
+        /// Unlink the guard, give the previous robust list back, and wake the blob.
+        pub fn release(mut self) {
+            self.do_release();
+        }
+
+        fn do_release(&mut self) {
+            if self.released {
+                return;
+            }
+            self.released = true;
+            HEAD.with(|h| {
+                let head = h.get();
+                // SAFETY: as in `hold`; an empty list points at itself.
+                unsafe {
+                    (*head).list = head as u64;
+                    libc::syscall(libc::SYS_set_robust_list, self.prev_head, self.prev_len);
+                }
+            });
+            // SAFETY: `word` points into the shared area, which the Parasite
+            // keeps mapped for longer than any guard it holds.
+            let word = unsafe { &*self.word };
+            word.store(0, SeqCst);
+            // SAFETY: FUTEX_WAKE on a shared word; the kernel only reads it.
+            unsafe {
+                libc::syscall(libc::SYS_futex, self.word, libc::FUTEX_WAKE, i32::MAX);
+            }
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.do_release();
+        }
     }
 }
 
@@ -236,6 +349,7 @@ impl<'a> Parasite<'a> {
             seq: 0,
             running: false,
             mapped: true,
+            guard: None,
         };
         blob.load_into(&mut p.local[..blob.mem_size], area);
         p.write_control();
@@ -250,6 +364,7 @@ impl<'a> Parasite<'a> {
         rt.into_blob(&regs)?;
         std::mem::forget(guard);
         stub.remove()?;
+        p.hold_guard();
         p.running = true;
         seized.cont(tid, 0)?;
         // From here on, Drop cures the task.
@@ -380,7 +495,17 @@ impl<'a> Parasite<'a> {
         })?;
         self.cmd_w = Some(File::from(w));
         self.ctl().state.store(state::TAKEN, Release);
+        if let Some(g) = self.guard.take() {
+            g.release();
+        }
         Ok(())
+    }
+
+    fn hold_guard(&mut self) {
+        let off = self.layout.ctl_off;
+        // SAFETY: as in `ctl()`: the control block is valid for the mapping's life.
+        let ctl = unsafe { &*(self.local.as_ptr().add(off) as *const Control) };
+        self.guard = Some(guard::hold(&ctl.guard, &ctl.guard_entry));
     }
 
     /// Send a command and wait for its result.
@@ -561,6 +686,9 @@ impl<'a> Parasite<'a> {
         let s = self.seized;
         if self.running {
             if self.cmd_w.is_some() {
+                if self.guard.is_none() {
+                    self.hold_guard();
+                }
                 let r = self.command(cmd::FINI, &[])?;
                 if r < 0 {
                     return Err(InfectError::Command {
@@ -619,6 +747,9 @@ impl<'a> Parasite<'a> {
         self.mapped = false;
         rt.end()?;
         stub.remove()?;
+        if let Some(g) = self.guard.take() {
+            g.release();
+        }
         Ok(())
     }
 }
@@ -627,6 +758,9 @@ impl Drop for Parasite<'_> {
     fn drop(&mut self) {
         if let Err(e) = self.cure_inner() {
             log::error!("curing pid {}: {e}", self.pid);
+        }
+        if let Some(g) = self.guard.take() {
+            g.release();
         }
     }
 }

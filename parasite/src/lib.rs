@@ -18,7 +18,9 @@
 //! reads the byte, runs the command, stores the result, publishes
 //! `done_seq = cmd_seq` and wakes the futex on it. The dumper holds the only
 //! write end of the command pipe, so when the dumper dies the blob reads EOF
-//! and cures the task by itself.
+//! and cures the task by itself. Where the blob waits without that pipe
+//! (the handshake, after FINI) it waits on [`Control::guard`], a robust futex
+//! of the dumper thread, which the kernel marks owner-dead if the dumper dies.
 #![no_std]
 #![warn(missing_docs)]
 
@@ -27,7 +29,7 @@ use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "PDPARAS1"
 pub const CTL_MAGIC: u64 = 0x3153_4152_4150_4450;
 /// Protocol version; the host refuses a blob of another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Page size of the area layout.
 pub const PAGE: usize = 4096;
@@ -73,8 +75,8 @@ pub mod cmd {
     /// vmsplice `args[1]` iovecs from the data buffer into page pipe `args[0]`.
     /// The result is the number of bytes moved (or -errno).
     pub const VMSPLICE: u32 = 4;
-    /// Close every fd the blob holds, answer, then spin until the dumper
-    /// stops the task (or cure it alone if the dumper is gone).
+    /// Close every fd the blob holds, answer, then wait on the guard until the
+    /// dumper stops the task (or cure it alone if the dumper dies).
     pub const FINI: u32 = 5;
 }
 
@@ -87,8 +89,15 @@ pub struct Control {
     pub version: u32,
     /// Handshake state (futex word), see [`state`].
     pub state: AtomicU32,
-    /// The dumper's pid, watched during the handshake.
+    /// The dumper's pid (in the dumper's pid namespace; informational).
     pub dumper_pid: i32,
+    /// The guard: a robust futex the dumper thread holds (its tid) while the
+    /// blob waits without a pipe to watch (handshake, after FINI). When the
+    /// dumper thread dies the kernel sets FUTEX_OWNER_DIED and wakes the blob.
+    pub guard: AtomicU32,
+    /// The dumper's robust-list entry for [`Control::guard`] (a pointer in
+    /// the dumper's mapping of this area; only the dumper's kernel exit path reads it).
+    pub guard_entry: AtomicU64,
     /// Command sequence number, bumped by the dumper per command.
     pub cmd_seq: AtomicU32,
     /// Last finished command (futex word the dumper waits on).

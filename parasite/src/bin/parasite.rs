@@ -16,7 +16,6 @@ pdump_arch::blob_entry!(blob_main);
 
 const EINTR: i64 = 4;
 const EAGAIN: i64 = 11;
-const ESRCH: i64 = 3;
 const O_CLOEXEC: u64 = 0o2000000;
 const F_SETPIPE_SZ: u64 = 1031;
 const FUTEX_WAKE: u64 = 1;
@@ -137,6 +136,44 @@ fn do_pipes(ctl: &Control, n: u64, size: u64) -> i64 {
     0
 }
 
+const FUTEX_WAIT: u64 = 0;
+const FUTEX_WAITERS: u32 = 0x8000_0000;
+const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+
+/// Wait while the dumper holds the guard. True when it released it, false
+/// when the kernel marked it owner-dead (the dumper thread died). The guard
+/// is a robust futex of the dumper's thread, so this works whatever pid
+/// namespace the task is in (no pid of the dumper is needed). An untimed
+/// FUTEX_WAIT never touches the task's restart block.
+fn wait_guard(ctl: &Control) -> bool {
+    loop {
+        let v = ctl.guard.load(Acquire);
+        if v == 0 {
+            return true;
+        }
+        if v & FUTEX_OWNER_DIED != 0 {
+            return false;
+        }
+        if v & FUTEX_WAITERS == 0
+            && ctl
+                .guard
+                .compare_exchange(v, v | FUTEX_WAITERS, SeqCst, SeqCst)
+                .is_err()
+        {
+            continue;
+        }
+        sys(
+            nr::FUTEX,
+            &[
+                &ctl.guard as *const _ as u64,
+                FUTEX_WAIT,
+                (v | FUTEX_WAITERS) as u64,
+                0,
+            ],
+        );
+    }
+}
+
 #[repr(C)]
 struct PollFd {
     fd: i32,
@@ -249,13 +286,10 @@ pub extern "C" fn blob_main(ctl: *mut Control) -> ! {
     ctl.cmd_wfd.store(fds[1], SeqCst);
     ctl.state.store(state::READY, Release);
     wake(&ctl.state);
-    // Spin (no sleeping syscall that could clobber the task's restart block)
-    // until the dumper took the write end or is gone.
-    while ctl.state.load(Acquire) != state::TAKEN {
-        if sys(nr::KILL, &[ctl.dumper_pid as u64, 0]) == -ESRCH {
-            self_cure(ctl);
-        }
-        sys(nr::SCHED_YIELD, &[]);
+    // Wait until the dumper took the write end (it releases the guard) or
+    // died (the kernel marks the guard owner-dead).
+    if !wait_guard(ctl) {
+        self_cure(ctl);
     }
     let w = ctl.cmd_wfd.swap(-1, SeqCst);
     sys(nr::CLOSE, &[w as u64]);
@@ -287,19 +321,17 @@ pub extern "C" fn blob_main(ctl: *mut Control) -> ! {
             cmd::VMSPLICE => do_vmsplice(ctl, a(0), a(1)),
             cmd::FINI => {
                 // Close every fd we hold (the task's fd table is back to what
-                // it was), answer, and wait to be stopped by the dumper. The
-                // wait spins without sleeping syscalls (restart block) and
-                // watches the dumper, which no longer has a pipe to tell us.
+                // it was), answer, and wait on the guard (held by the dumper
+                // since before FINI) to be stopped by the dumper; if it dies
+                // instead, the kernel marks the guard owner-dead.
                 close_all(ctl);
                 ctl.ret.store(0, Relaxed);
                 ctl.done_seq.store(seq, Release);
                 wake(&ctl.done_seq);
-                loop {
-                    if sys(nr::KILL, &[ctl.dumper_pid as u64, 0]) == -ESRCH {
-                        self_cure(ctl);
-                    }
-                    sys(nr::SCHED_YIELD, &[]);
-                }
+                // Either way, waking up here means nobody will stop us: the
+                // dumper died (owner-dead) or gave up (released): cure alone.
+                wait_guard(ctl);
+                self_cure(ctl);
             }
             _ => -38, // ENOSYS
         };
