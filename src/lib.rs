@@ -54,6 +54,7 @@ pub mod check;
 pub mod dump;
 pub mod error;
 pub mod fault;
+pub mod fdshare;
 pub mod image;
 pub mod infect;
 pub mod leaks;

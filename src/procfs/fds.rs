@@ -5,7 +5,9 @@
 //! task: positions come from fdinfo; the contents of unlinked files and
 //! memfds are read with `pread` (a copy made with `pidfd_getfd` shares the
 //! task's file offset, so plain `read` would move it); the data buffered in
-//! a pipe is copied with `tee(2)`, which leaves it in the pipe.
+//! a pipe is copied with `tee(2)`, which leaves it in the pipe; unix
+//! sockets are described by sock_diag, and the data queued on them is
+//! peeked without consuming it.
 //!
 //! fdinfo on Linux 6.18 looks like
 //!
@@ -22,13 +24,15 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::{
-    maps::strip_deleted, parse_err, proc_path, read_link, read_numeric_dir, read_text, PidFd,
-    ProcError, Result,
+    maps::strip_deleted,
+    parse_err, proc_path, read_link, read_numeric_dir, read_text,
+    unix::{socket_kind, SocketFd, UnixInfo},
+    PidFd, ProcError, Result,
 };
 use crate::image::model::{FdEntry, FdKind};
 
@@ -115,14 +119,31 @@ impl Task {
 /// first of its fds. Callers that dump several tasks sharing a pipe must
 /// keep one copy.
 ///
+/// Unix sockets become [`FdKind::UnixSocket`]: each is looked up in
+/// sock_diag by inode ([`fds_with`] takes the sock_diag dump of a whole
+/// tree instead), and the data queued on it is peeked through a
+/// `pidfd_getfd` copy with `SO_PEEK_OFF`, which is set back afterwards.
+/// Sockets that peeking would change or whose queue cannot be recorded are
+/// refused: listening ones, fds in flight (`SCM_RIGHTS`), out-of-band data,
+/// a pending error on a datagram socket with data queued.
+///
 /// Fails with [`ProcError::UnsupportedFd`] on the first fd of a kind pdump
-/// cannot restore (sockets, epoll, signalfd, timerfd, inotify, ttys and
-/// other devices, other anonymous inodes, ...), naming the fd and the kind.
+/// cannot restore (other sockets, listening unix sockets, unix sockets with
+/// fds in flight, epoll, signalfd, timerfd, inotify, ttys and other
+/// devices, other anonymous inodes, ...), naming the fd and the kind.
 pub fn fds(pid: i32) -> Result<Vec<FdEntry>> {
+    fds_with(pid, &HashMap::new())
+}
+
+/// [`fds`], with what sock_diag says about unix sockets taken from `unix`
+/// (from [`unix_sockets`](super::unix_sockets), called once per dump);
+/// sockets missing there are looked up one by one, in their own network
+/// namespace.
+pub fn fds_with(pid: i32, unix: &HashMap<u64, UnixInfo>) -> Result<Vec<FdEntry>> {
     let mut task = Task { pid, pidfd: None };
     let mut out = Vec::new();
     for fd in read_numeric_dir(pid, &proc_path(pid, "fd"))? {
-        out.push(describe(&mut task, fd)?);
+        out.push(describe(&mut task, fd, unix)?);
     }
 
     // One copy of the buffered data per pipe, on its read end if present.
@@ -172,7 +193,7 @@ fn pipe_of(kind: &FdKind) -> Option<(u64, bool)> {
     }
 }
 
-fn describe(task: &mut Task, fd: i32) -> Result<FdEntry> {
+fn describe(task: &mut Task, fd: i32, unix: &HashMap<u64, UnixInfo>) -> Result<FdEntry> {
     let pid = task.pid;
     let link_path = proc_path(pid, &format!("fd/{fd}"));
     let link = read_link(pid, &link_path)?;
@@ -223,8 +244,26 @@ fn describe(task: &mut Task, fd: i32) -> Result<FdEntry> {
             | (info.flags & (libc::O_NONBLOCK | libc::O_CLOEXEC) as u32);
         return Ok(entry(FdKind::EventFd { count, efd_flags }));
     }
+    if let Some(inode) = link
+        .strip_prefix("socket:[")
+        .and_then(|s| s.strip_suffix(']'))
+    {
+        let inode = inode
+            .parse()
+            .map_err(|_| parse_err(pid, &link_path, "socket:[INODE]", &link))?;
+        let dup = task.get_fd(fd)?;
+        let sock = SocketFd {
+            pid,
+            fd,
+            inode,
+            link: &link,
+            sock: dup.as_fd(),
+            scm_fds: info.extra.get("scm_fds").and_then(|v| v.parse().ok()),
+        };
+        return socket_kind(&sock, unix).map(entry);
+    }
     if !link.starts_with('/') {
-        // socket:[N], anon_inode:[eventpoll], anon_inode:inotify,
+        // anon_inode:[eventpoll], anon_inode:inotify,
         // anon_inode:[pidfd], net:[N] (namespace fds), ...
         return Err(unsupported(link));
     }
@@ -709,17 +748,9 @@ mod tests {
         type Setup = fn() -> i32;
         let cases: [(Setup, &str); 4] = [
             (
-                || {
-                    let mut sv = [0; 2];
-                    // SAFETY: `sv` has room for two fds.
-                    unsafe {
-                        libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr())
-                    };
-                    // SAFETY: closing our own fd.
-                    unsafe { libc::close(sv[1]) };
-                    sv[0]
-                },
-                "socket:[",
+                // SAFETY: socket takes integers.
+                || unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM, 0) },
+                "inet6 socket socket:[",
             ),
             (
                 // SAFETY: epoll_create1 has no pointer arguments.

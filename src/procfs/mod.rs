@@ -14,6 +14,7 @@
 //! | [`Pagemap`] | `pagemap` (`PAGEMAP_SCAN` ioctl or 8-byte entries) |
 //! | [`limits`], [`auxv`], [`timers`], ... | the small files |
 //! | [`fds`](fds()) | `fd/`, `fdinfo/` |
+//! | [`unix_sockets`] | unix sockets (`NETLINK_SOCK_DIAG`), their queued data |
 //!
 //! Most of `/proc/PID` is only fully readable by a task that may ptrace the
 //! target (the mm bounds in `stat`, `auxv`, `personality`, `pagemap`, the
@@ -34,8 +35,9 @@ mod stat;
 mod status;
 #[cfg(test)]
 mod testutil;
+mod unix;
 
-pub use fds::{fds, pipe_data, MAX_INLINE_FILE};
+pub use fds::{fds, fds_with, pipe_data, MAX_INLINE_FILE};
 pub use maps::{classify, maps, smaps, strip_deleted};
 pub use misc::{
     auxv, children, cmdline, comm, coredump_filter, limits, personality, readlink_cwd,
@@ -45,6 +47,10 @@ pub use pagemap::{present_ranges, Pagemap, ScanMethod, PAGE_IS_PRESENT, PAGE_IS_
 pub use pidfd::PidFd;
 pub use stat::{is_kernel_thread, mm_bounds, stat, task_stat, Stat, PF_KTHREAD};
 pub use status::{creds, status, task_status, Status};
+pub use unix::{
+    unix_socket, unix_sockets, unix_sockets_in, SockDiagError, UnixError, UnixInfo, RCV_SHUTDOWN,
+    SEND_SHUTDOWN, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN,
+};
 
 /// Result alias of this module.
 pub type Result<T, E = ProcError> = std::result::Result<T, E>;
@@ -251,6 +257,10 @@ pub enum ProcError {
         /// `anon_inode:[eventpoll]`) or a description (`char device 136:0 /dev/pts/0`).
         kind: String,
     },
+    /// An operation on a unix socket fd failed (sock_diag, socket options,
+    /// peeking at the queued data).
+    #[error(transparent)]
+    Unix(#[from] UnixError),
 }
 
 impl ProcError {
@@ -274,6 +284,7 @@ impl ProcError {
             | ProcError::PipeData { pid, .. }
             | ProcError::GetSeals { pid, .. }
             | ProcError::UnsupportedFd { pid, .. } => *pid,
+            ProcError::Unix(e) => e.pid(),
         }
     }
 
@@ -293,6 +304,7 @@ impl ProcError {
             | ProcError::FdContents { source, .. }
             | ProcError::PipeData { source, .. }
             | ProcError::GetSeals { source, .. } => Some(source),
+            ProcError::Unix(e) => e.io_error(),
             _ => None,
         }
     }
