@@ -159,6 +159,13 @@ pub enum DumpError {
         #[source]
         source: crate::leaks::LeakError,
     },
+    /// Matching files shared between processes failed.
+    #[error("matching files shared between the tree's processes")]
+    Share {
+        /// Cause.
+        #[source]
+        source: crate::fdshare::ShareError,
+    },
     /// A dump worker thread died.
     #[error("dump worker {index} died")]
     Worker {
@@ -532,7 +539,7 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary>
         }
         images.push(d.img);
     }
-    let files = Vec::new(); // TODO(fdshare): one object per file shared between processes
+    let files = crate::fdshare::share_files(&mut images).map_err(|source| DumpError::Share { source })?;
 
     // Everything is gathered: release the tree (it runs again, or dies).
     pool.release(!opts.leave_running)?;
