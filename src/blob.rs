@@ -9,6 +9,8 @@ pub struct Blob {
     pub image: &'static [u8],
     /// Bytes the loaded image occupies (image + bss).
     pub mem_size: usize,
+    /// Bytes of code from offset 0 (the executable segment).
+    pub text_len: usize,
     /// RELATIVE relocations: (offset, addend); the loader writes `base + addend` at `offset`.
     pub relocs: &'static [(u64, u64)],
 }

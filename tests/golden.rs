@@ -55,9 +55,9 @@ fn blob_entry_trampoline() {
 #[test]
 fn blob_uses_no_simd_registers() {
     let blob = &pdump::blob::PARASITE;
-    let mut d = Decoder::with_ip(64, blob.image, 0, DecoderOptions::NONE);
+    let mut d = Decoder::with_ip(64, &blob.image[..blob.text_len], 0, DecoderOptions::NONE);
     let mut ins = Instruction::default();
-    let mut text_end = blob.image.len();
+    let mut text_end = blob.text_len;
     // Stop at the first run of padding after text (rodata follows at a 64-byte boundary).
     while d.can_decode() {
         let pos = d.position();
