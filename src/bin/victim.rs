@@ -112,6 +112,232 @@
 //!   to 10 s for that), that both timers still have their intervals, and
 //!   that all three actions are unchanged. `READY <pid>`; final
 //!   `OK alrm=<n> usr1=<n>`.
+//! * `tree SPEC` / `tree-preset NAME`: a whole process tree built from a
+//!   compact spec, every member alive and self-checking; see
+//!   [Process trees](#process-trees-tree-and-tree-preset) below.
+//!
+//! # Process trees (`tree` and `tree-preset`)
+//!
+//! `pdump-victim tree SPEC` (the spec is one argument; several are joined
+//! with spaces) builds a process tree; `pdump-victim tree-preset NAME` does
+//! the same with a ready-made spec.
+//!
+//! ## Grammar
+//!
+//! ```text
+//! spec := node
+//! node := 'p' [ '[' flag { ',' flag } ']' ] [ '(' { node } ')' ]
+//! flag := 'ns' | 'setsid' | 'pgid=self' | 'pgid=parent' | 'pgid=' K
+//!       | 'zombie=' N | 'threads=' N | 'stopped'
+//!       | 'pipe' | 'sockpair' | 'sharedfile'
+//! ```
+//!
+//! Whitespace may appear between nodes, around parentheses and around
+//! flags (children need no separator: `p(pp)` is `p(p p)`). Nodes are
+//! numbered in DFS pre-order: a node's index is the position of its `p`
+//! among all `p`s of the spec, the root is node 0. A flag may appear once
+//! per node. Example:
+//! `p[setsid](p[pgid=parent] p[ns](p(p[zombie=7]) p[threads=3]) p[stopped])`.
+//!
+//! * `ns`: the node is the init (pid 1) of a new pid namespace: its parent
+//!   calls `unshare(CLONE_NEWPID)`, forks it and goes back to its own
+//!   namespace with `setns` (so the parent's `pid_for_children` is
+//!   unchanged and later siblings are not in the new namespace). `ns`
+//!   inside `ns` nests (depth 2, 3, ...; at most 24). A namespace init gets
+//!   signals from inside its namespace only if it has a handler; every
+//!   member has a SIGTERM handler (inherited from the root). A root with
+//!   `ns`: the started process stays OUTSIDE the tree as a launcher (the
+//!   root's parent); it forwards a SIGTERM it gets to the root and exits
+//!   with the root's exit status (128 + signal if it was killed); the root
+//!   itself prints READY/OK/FAIL. READY's pid is then the root's, not the
+//!   started process's; the JSON's `launcher` field holds the latter.
+//! * `setsid`: `setsid()` (the root needs not to be a group leader, as in a
+//!   child started by `std::process::Command`).
+//! * `pgid=self`: `setpgid(0, 0)`.
+//! * `pgid=parent`: `setpgid(0, getpgid(getppid()))`: joins the parent's
+//!   current process group whoever leads it (with the brief's
+//!   `setpgid(0, getppid())` it would fail unless the parent leads its
+//!   group). As the parent sets up its own session and group BEFORE it
+//!   forks its children, this is an explicit re-join of the inherited
+//!   group, checked with `getpgrp()`.
+//! * `pgid=K`: joins the process group of node K, which must be an earlier
+//!   sibling not created with `setsid` (so the group is in the same
+//!   session); the group's leader may be a sibling, or even a zombie
+//!   sibling (`sessions` preset: a live process in a group whose leader is
+//!   a zombie).
+//! * `zombie=N` (0..=255): the node sets itself up (session, group),
+//!   reports, and exits with status N; its parent confirms that with
+//!   `waitid(WEXITED | WNOWAIT)` before the tree is READY and never reaps it
+//!   until the final check. No member ever calls `wait` on a zombie child
+//!   before SIGTERM, namespace inits included, so a zombie whose parent is
+//!   an `ns` init does stay a zombie here. Note however that a
+//!   conventional init (or a restorer that substitutes its own) would reap
+//!   it: the presets therefore give every zombie in a child namespace a
+//!   NON-init parent (`p[ns](p(p[zombie=3]))`). `ns,zombie=N` is a zombie
+//!   that was the init of its own (now dead) namespace. A zombie has no
+//!   children, threads, stop, pipe, socketpair or shared file.
+//! * `threads=N` (1..=1024): N extra threads, started after all children
+//!   exist (the forks happen single-threaded); each bumps a thread-local
+//!   counter mirrored by a local one every ~10 ms. Their mask is
+//!   `{SIGUSR2, SIGTERM}` so SIGTERM always runs on the main thread.
+//! * `stopped`: the node stops right after it has reported (its subtree is
+//!   complete): it sends itself SIGSTOP, except a namespace init (which
+//!   cannot stop itself): its parent sends the SIGSTOP from the parent
+//!   namespace. Either way the parent waits with `waitid(WSTOPPED |
+//!   WNOWAIT)` until it is stopped, so the tree is READY only with every
+//!   `stopped` member in state T. The exception is a `stopped` ROOT: it
+//!   stops itself right AFTER printing READY, so the test must wait for its
+//!   state T (`/proc/<pid>/stat`, or `waitid(WSTOPPED)` as its parent)
+//!   before it looks at it or sends SIGCONT. A root with both `ns` and
+//!   `stopped` is refused. THE TEST MUST SEND SIGCONT to every `stopped` member before
+//!   the SIGTERM (SIGCONT to all members is fine too). The parent notes
+//!   `CLD_CONTINUED` (`waitid(WCONTINUED | WNOHANG | WNOWAIT)` about every
+//!   64 ms and at SIGTERM); a `stopped` child without one at SIGTERM is a
+//!   FAIL (and is killed at once instead of being waited for). Whether the
+//!   member is still stopped after a dump or restore is for the test to
+//!   check in /proc (state T); the victim cannot see it.
+//! * `pipe`: a pipe between the node and its parent: the parent keeps the
+//!   write end, the node the read end, with `ping\n` (5 bytes) buffered.
+//! * `sockpair`: a `socketpair(AF_UNIX, SOCK_STREAM)`; the parent sent
+//!   `hello` on its end, not yet read.
+//! * `sharedfile`: the parent creates `$PDUMP_VICTIM_DIR/pdump-victim-tree-
+//!   <16 random hex digits>-<node index>` (directory default `/tmp`; 200
+//!   bytes, byte k = `(k * 13 + idx * 7 + 1) as u8`), O_RDWR, offset 77,
+//!   and forks the node with that fd: ONE open file description (one
+//!   offset) shared by both. The parent removes the file at the end.
+//!
+//! Refused specs (exit status 2, message on stderr): a root with `zombie`,
+//! `pipe`, `sockpair`, `sharedfile`, `pgid=parent` or `pgid=K`; `setsid`
+//! with `pgid=`; `ns` with `pgid=parent` or `pgid=K`; the zombie
+//! restrictions above; more than 4096 nodes.
+//!
+//! Presets (`tree-preset NAME`):
+//! * `small`: `p(p p)`.
+//! * `sessions` (12 nodes, no namespaces): `p[setsid](p[pgid=self](p
+//!   p[pgid=parent]) p[pgid=1](p[setsid](p[pgid=self] p)) p[setsid,zombie=5]
+//!   p[pgid=self,zombie=4] p[pgid=9] p[pgid=1,stopped])`: three levels of
+//!   sessions and groups, a group joined by a sibling's child, a zombie
+//!   session leader, a zombie group leader with a live member, a stopped
+//!   member of a sibling's group.
+//! * `ns1` (11 nodes): `p[setsid](p[ns](p[threads=2](p[zombie=3]) p[stopped]
+//!   p[setsid](p[pgid=self] p[pgid=parent])) p[threads=2] p[pgid=self](p))`.
+//! * `ns2` (14 nodes, depth 2): `p[setsid](p[ns](p(p[zombie=3])
+//!   p[pgid=self](p[ns](p[threads=2](p[zombie=7]) p[stopped] p[setsid](p
+//!   p[pgid=self,threads=2])) p[stopped])) p[threads=3])`.
+//! * `ns3` (19 nodes, depth 3): `p[setsid](p[ns,setsid](p[threads=2](p[zombie=1])
+//!   p[ns](p[pgid=self](p[zombie=2] p[stopped]) p[ns](p(p[zombie=3])
+//!   p[threads=3] p[stopped] p[setsid](p)) p[ns,stopped](p) p[ns,zombie=9]))
+//!   p[stopped])`.
+//!
+//!   In the `ns*` presets every child namespace has a zombie with a non-init
+//!   parent, threads and a stopped task; a namespace init that does not call
+//!   `setsid` inherits its parent's session and group, so sessions and
+//!   groups span levels (inside they read as 0, see below) and groups made
+//!   inside a namespace (`pgid=self`) span the levels below. `ns3` also has
+//!   a stopped namespace init and a zombie namespace init.
+//! * `ipc` (11 nodes): `p(p[pipe](p[sockpair] p[sharedfile,pipe])
+//!   p[sockpair,sharedfile](p[pipe,sockpair,sharedfile]) p[ns](p[pipe]
+//!   p[sockpair](p[sharedfile])) p[ns,pipe,sockpair,sharedfile])`: also
+//!   across a namespace boundary.
+//! * `wide200`: a root with 10 children with 19 children each (201
+//!   processes), nothing else.
+//! * `threads64`: `p[threads=63]`: one process of 64 threads.
+//!
+//! ## Setup and READY
+//!
+//! Every member is forked by its parent, one child after the other; each
+//! child gets a report pipe (child: write end, parent: read end), closes
+//! every other plumbing fd it inherited, and replaces its fds 0, 1, 2 with
+//! its own open of `/dev/null`: only the root (and a launcher) keeps the
+//! test's stdio. A member sets up its session/group, then its children
+//! (each one's subtree fully set up and reported before the next fork;
+//! zombies exited, stopped ones stopped), then its threads, then writes its
+//! own record and its subtree's up the report pipe. No sleeps: the root
+//! prints READY when its last child has reported. Then every member runs a
+//! light loop: one step of a 4 KiB buffer walk with a running checksum
+//! (full recompute every 256 steps, a never-written per-node tag word) and
+//! a counter pair, then `nanosleep` of 1 ms (in trees of more than 20
+//! members one ms per 10 members: 20 ms for `wide200`). About every 64 ms
+//! it also checks whether its parent is gone (its report pipe's write end
+//! polls POLLERR); then it SIGKILLs its children and exits 3, so a killed
+//! member leaves no orphans behind (a stopped member cannot notice, though).
+//!
+//! The root prints ONE line `READY <rootpid> <json>`, `<json>` without a
+//! raw space (spaces in strings are `\u0020`), so the line has exactly
+//! three space-separated words. `<rootpid>` is the root's pid in the
+//! namespace the test started the victim in. The JSON:
+//!
+//! ```text
+//! {"spec":"<spec>","members":<n>,["launcher":<pid>,]"nodes":[<node>,...]}
+//! <node> = {"idx":i,"parent":<idx or -1>,"flags":"<flags as written>",
+//!   "nsdepth":d,"state":"running"|"stopped"|"zombie",
+//!   "pid":p,"ppid":pp,"pgid":g,"sid":s,"pid_in_parent_ns":q,"tids":[t,...]
+//!   [,"exit_status":N] [,"up_fds":[own,parent's]] [,"pipe_fds":[own,parent's]]
+//!   [,"sock_fds":[own,parent's]] [,"file_fd":f,"file":"<path>"]}
+//! ```
+//!
+//! `nodes` is in DFS order (`nodes[i].idx == i`). `pid`, `ppid`, `pgid`,
+//! `sid` and `tids` (main thread first) are what the member sees of ITSELF
+//! inside its own pid namespace (`getpid`, `getppid`, `getpgrp`,
+//! `getsid(0)`, `gettid`): ids of tasks outside that namespace read as 0
+//! (a namespace init has `ppid` 0; a session or group inherited from an
+//! outer level has `sid`/`pgid` 0). A zombie's values were taken just before
+//! it exited. `pid_in_parent_ns` is the node's pid in its PARENT's pid
+//! namespace (from `fork`'s return value; for the root: `<rootpid>`); it
+//! equals `pid` unless the node is an `ns` init. `nsdepth` is the number of
+//! pid namespaces between the root's parent's namespace and the node's (the
+//! root: 0, or 1 with `ns`). `*_fds` give the fd numbers of the node's end
+//! and of its parent's end (`up_fds`: the report pipe, absent for the
+//! root); `file_fd` is the same number in both.
+//!
+//! Mapping to outer pids (how a test joins this with /proc, read from the
+//! test's namespace = the root's parent's): `outer(0) = <rootpid>`; for a
+//! node X with parent P, `outer(X)` is the child of `outer(P)` (in
+//! `/proc/<outer(P)>/task/*/children`, zombies included, or `PPid:` in
+//! `/proc/*/status`) whose `NSpid` entry number `nodes[P].nsdepth`
+//! (0-based) equals `X.pid_in_parent_ns`. Then X's `NSpid`, `NSpgid`,
+//! `NSsid` lines have `X.nsdepth + 1` entries and entry `X.nsdepth` equals
+//! X's `pid`, `pgid`, `sid` (0 where hidden there too); the `NStgid`
+//! entries of X's threads at that level are `tids`.
+//!
+//! ## SIGTERM, results
+//!
+//! The test sends SIGCONT to the `stopped` members, then SIGTERM to the
+//! ROOT only. Every member, on SIGTERM (the handler only sets a flag):
+//! 1. for each child: a `stopped` child must have shown `CLD_CONTINUED`;
+//!    the parent appends `pong\n` to a `pipe` child's pipe and sends
+//!    `world` on a `sockpair` child's socket, then forwards SIGTERM;
+//! 2. collects each child's result from its report pipe (`OK <count>` or
+//!    `FAIL <idx> <what>`; end of file is `died without a result (killed by
+//!    signal 9)` etc.; the deadline is 40 s minus 2 s per tree level, at
+//!    least 5 s, after which the child is SIGKILLed); after a child's OK it
+//!    checks its own ends: the socket holds exactly `back!` (sent by the
+//!    child), its pipe end is empty (the child drained it, so it is the same
+//!    pipe), its shared-file offset is 78 (moved by the child, so the open
+//!    file is shared); each zombie child must still be reported by
+//!    `waitid(WEXITED | WNOHANG | WNOWAIT)` with status N;
+//! 3. checks itself: pid, ppid, pgid, sid and main tid equal the READY
+//!    values, the buffer and counter, the threads (same tids, each counter
+//!    advances by 2 more within 10 s, then they stop and join: thread-local
+//!    counter, tid and mask unchanged), its report pipe end is still a
+//!    pipe's write end, a `pipe` end holds exactly `ping\npong\n` (10
+//!    bytes), a `sockpair` end exactly `helloworld` (then it sends
+//!    `back!`), a `sharedfile` fd has offset 77, size and content right and
+//!    O_RDWR (then it moves the offset to 78), and the common signal state
+//!    (mask, SIGTERM action, alternate stack, handler ran on it);
+//! 4. reaps its children (a child that said OK must exit 0, a zombie with
+//!    N), removes its shared files, and reports `OK <count>` (nodes of its
+//!    subtree verified, zombies included) or the failure with the LOWEST
+//!    node index found in its subtree, then exits 0 or 1.
+//!
+//! The root prints `OK tree=<number of nodes>` (every node, zombies
+//! included; `threads64`: `OK tree=1`) and exits 0, or `FAIL <node index>
+//! <what>` and exits 1. A failure a member notices before SIGTERM (its
+//! checksum) is reported up at once and the member exits (the root prints
+//! it at once; others' parents pass it on at SIGTERM). SIGTERM before READY,
+//! SIGTERM to members other than the root, or no SIGCONT for `stopped`
+//! members are not supported. SIGCHLD is reset to SIG_DFL at start (an
+//! inherited SIG_IGN would make the kernel reap the zombies).
 //!
 //! # Self-test of the checks
 //!
@@ -128,6 +354,8 @@
 //!   rounding-control bit of the x87 control word, `gpr` bit 0 of r15,
 //!   `x87` the sign of st(3). The main thread applies it inside its asm
 //!   loop after READY; detected immediately (FAIL, exit 1).
+//! * `tree`, `tree-preset`: `node=K` flips one bit of node K's buffer
+//!   (detected within 256 loop steps: `FAIL K buffer checksum ...`).
 
 use std::arch::asm;
 use std::ffi::{c_int, c_void, CString};
@@ -2039,11 +2267,1885 @@ fn mode_timers() -> Result<String, String> {
 }
 
 // ---------------------------------------------------------------------------
+// tree, tree-preset: spec, parser, presets
+// ---------------------------------------------------------------------------
+
+/// How a tree node sets its process group (the `pgid=` flag).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+enum TreePgid {
+    /// No flag: keep the group inherited from the parent.
+    #[default]
+    Inherit,
+    /// `pgid=self`: `setpgid(0, 0)`.
+    Own,
+    /// `pgid=parent`: `setpgid(0, getpgid(getppid()))`.
+    Parent,
+    /// `pgid=K`: join the process group of node K, an earlier sibling.
+    Node(usize),
+}
+
+/// The flags of one tree node (see the module documentation).
+#[derive(Clone, Debug, Default)]
+struct TreeFlags {
+    ns: bool,
+    setsid: bool,
+    pgid: TreePgid,
+    zombie: Option<u8>,
+    threads: usize,
+    stopped: bool,
+    pipe: bool,
+    sockpair: bool,
+    sharedfile: bool,
+}
+
+/// One node of a parsed tree spec; nodes are numbered in DFS pre-order.
+#[derive(Clone, Debug)]
+struct TreeNode {
+    parent: Option<usize>,
+    children: Vec<usize>,
+    flags: TreeFlags,
+    /// The flags as written (trimmed, joined with `,`).
+    flags_text: String,
+    /// Depth in the process tree (the root has 0).
+    depth: usize,
+    /// Number of pid namespaces between the namespace the victim was
+    /// started in and the node's own one (`ns` nodes count themselves).
+    nsdepth: usize,
+}
+
+/// A parsed and validated tree spec.
+struct TreeSpec {
+    text: String,
+    nodes: Vec<TreeNode>,
+}
+
+const TREE_MAX_NODES: usize = 4096;
+const TREE_MAX_THREADS: usize = 1024;
+/// The kernel allows 32 pid-namespace levels; leave room for the levels
+/// the victim may already run in.
+const TREE_MAX_NSDEPTH: usize = 24;
+
+/// Recursive-descent parser of the tree grammar.
+struct SpecParser<'a> {
+    s: &'a [u8],
+    pos: usize,
+    nodes: Vec<TreeNode>,
+}
+
+impl SpecParser<'_> {
+    fn ws(&mut self) {
+        while self
+            .s
+            .get(self.pos)
+            .is_some_and(|c| c.is_ascii_whitespace())
+        {
+            self.pos += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.pos).copied()
+    }
+
+    fn err(&self, what: &str) -> String {
+        format!("tree spec: {what} at byte {}", self.pos)
+    }
+
+    /// `node := 'p' [ '[' flags ']' ] [ '(' node* ')' ]`
+    fn node(&mut self, parent: Option<usize>) -> Result<usize, String> {
+        self.ws();
+        if self.peek() != Some(b'p') {
+            return Err(self.err("expected 'p'"));
+        }
+        self.pos += 1;
+        if self.nodes.len() >= TREE_MAX_NODES {
+            return Err(self.err(&format!("more than {TREE_MAX_NODES} nodes")));
+        }
+        let s = self.s;
+        let mut flags = TreeFlags::default();
+        let mut texts: Vec<&str> = Vec::new();
+        if self.peek() == Some(b'[') {
+            self.pos += 1;
+            let start = self.pos;
+            while self.peek().is_some_and(|c| c != b']') {
+                self.pos += 1;
+            }
+            if self.peek() != Some(b']') {
+                return Err(self.err("unterminated '['"));
+            }
+            let inner = std::str::from_utf8(&s[start..self.pos])
+                .map_err(|_| self.err("flags are not UTF-8"))?;
+            self.pos += 1;
+            for tok in inner.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                let key = tok.split('=').next().unwrap_or(tok);
+                if texts.iter().any(|t| t.split('=').next() == Some(key)) {
+                    return Err(self.err(&format!("flag {key:?} given twice")));
+                }
+                parse_tree_flag(&mut flags, tok).map_err(|e| self.err(&e))?;
+                texts.push(tok);
+            }
+        }
+        let idx = self.nodes.len();
+        let (depth, nsdepth) = match parent {
+            Some(p) => (self.nodes[p].depth + 1, self.nodes[p].nsdepth),
+            None => (0, 0),
+        };
+        let nsdepth = nsdepth + flags.ns as usize;
+        self.nodes.push(TreeNode {
+            parent,
+            children: Vec::new(),
+            flags,
+            flags_text: texts.join(","),
+            depth,
+            nsdepth,
+        });
+        self.ws();
+        if self.peek() == Some(b'(') {
+            self.pos += 1;
+            loop {
+                self.ws();
+                match self.peek() {
+                    Some(b')') => {
+                        self.pos += 1;
+                        break;
+                    }
+                    None => return Err(self.err("unterminated '('")),
+                    Some(_) => {
+                        let c = self.node(Some(idx))?;
+                        self.nodes[idx].children.push(c);
+                    }
+                }
+            }
+        }
+        Ok(idx)
+    }
+}
+
+fn parse_tree_flag(f: &mut TreeFlags, tok: &str) -> Result<(), String> {
+    let num = |v: &str| {
+        v.parse::<usize>()
+            .map_err(|_| format!("bad number in flag {tok:?}"))
+    };
+    match tok {
+        "ns" => f.ns = true,
+        "setsid" => f.setsid = true,
+        "stopped" => f.stopped = true,
+        "pipe" => f.pipe = true,
+        "sockpair" => f.sockpair = true,
+        "sharedfile" => f.sharedfile = true,
+        "pgid=self" => f.pgid = TreePgid::Own,
+        "pgid=parent" => f.pgid = TreePgid::Parent,
+        _ => {
+            if let Some(v) = tok.strip_prefix("pgid=") {
+                f.pgid = TreePgid::Node(num(v)?);
+            } else if let Some(v) = tok.strip_prefix("zombie=") {
+                let n = num(v)?;
+                if n > 255 {
+                    return Err(format!("{tok:?}: exit status above 255"));
+                }
+                f.zombie = Some(n as u8);
+            } else if let Some(v) = tok.strip_prefix("threads=") {
+                let n = num(v)?;
+                if n == 0 || n > TREE_MAX_THREADS {
+                    return Err(format!("{tok:?}: need 1..={TREE_MAX_THREADS} threads"));
+                }
+                f.threads = n;
+            } else {
+                return Err(format!("unknown flag {tok:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The combinations the victim refuses (each explained in the module
+/// documentation).
+fn validate_tree(nodes: &[TreeNode]) -> Result<(), String> {
+    for (i, n) in nodes.iter().enumerate() {
+        let f = &n.flags;
+        let bad = |what: &str| Err(format!("tree spec: node {i} [{}]: {what}", n.flags_text));
+        if i == 0 {
+            if f.zombie.is_some() {
+                return bad("the root cannot be a zombie");
+            }
+            if f.pipe || f.sockpair || f.sharedfile {
+                return bad("the root has no parent to share a pipe/socketpair/file with");
+            }
+            if matches!(f.pgid, TreePgid::Parent | TreePgid::Node(_)) {
+                return bad("the root cannot join a parent's or sibling's group");
+            }
+            if f.ns && f.stopped {
+                return bad("a root that is a pid-namespace init cannot stop itself");
+            }
+        }
+        if f.zombie.is_some()
+            && (!n.children.is_empty()
+                || f.threads > 0
+                || f.stopped
+                || f.pipe
+                || f.sockpair
+                || f.sharedfile)
+        {
+            return bad("a zombie has no children, threads, stop, pipe, socketpair or shared file");
+        }
+        if f.setsid && f.pgid != TreePgid::Inherit {
+            return bad(
+                "setsid and pgid= exclude each other (a session leader cannot change its group)",
+            );
+        }
+        if f.ns && matches!(f.pgid, TreePgid::Parent | TreePgid::Node(_)) {
+            return bad("a pid-namespace init cannot see its parent's or sibling's group");
+        }
+        if let TreePgid::Node(k) = f.pgid {
+            if k >= i || nodes[k].parent != n.parent {
+                return bad(&format!("pgid={k}: node {k} is not an earlier sibling"));
+            }
+            if nodes[k].flags.setsid {
+                return bad(&format!(
+                    "pgid={k}: node {k} is in another session (setsid)"
+                ));
+            }
+        }
+        if n.nsdepth > TREE_MAX_NSDEPTH {
+            return bad(&format!(
+                "pid namespaces nested deeper than {TREE_MAX_NSDEPTH}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_tree_spec(text: &str) -> Result<TreeSpec, String> {
+    let mut p = SpecParser {
+        s: text.as_bytes(),
+        pos: 0,
+        nodes: Vec::new(),
+    };
+    p.node(None)?;
+    p.ws();
+    if p.pos != p.s.len() {
+        return Err(p.err("trailing characters after the root node"));
+    }
+    validate_tree(&p.nodes)?;
+    Ok(TreeSpec {
+        text: text.trim().to_string(),
+        nodes: p.nodes,
+    })
+}
+
+/// The specs of `tree-preset NAME` (see the module documentation).
+fn tree_preset(name: &str) -> Option<String> {
+    Some(match name {
+        "small" => "p(p p)".into(),
+        "sessions" => "p[setsid](p[pgid=self](p p[pgid=parent]) p[pgid=1](p[setsid](p[pgid=self] p)) \
+                       p[setsid,zombie=5] p[pgid=self,zombie=4] p[pgid=9] p[pgid=1,stopped])"
+            .into(),
+        "ns1" => "p[setsid](p[ns](p[threads=2](p[zombie=3]) p[stopped] p[setsid](p[pgid=self] p[pgid=parent])) \
+                  p[threads=2] p[pgid=self](p))"
+            .into(),
+        "ns2" => "p[setsid](p[ns](p(p[zombie=3]) p[pgid=self](p[ns](p[threads=2](p[zombie=7]) p[stopped] \
+                  p[setsid](p p[pgid=self,threads=2])) p[stopped])) p[threads=3])"
+            .into(),
+        "ns3" => "p[setsid](p[ns,setsid](p[threads=2](p[zombie=1]) p[ns](p[pgid=self](p[zombie=2] p[stopped]) \
+                  p[ns](p(p[zombie=3]) p[threads=3] p[stopped] p[setsid](p)) p[ns,stopped](p) p[ns,zombie=9])) \
+                  p[stopped])"
+            .into(),
+        "ipc" => "p(p[pipe](p[sockpair] p[sharedfile,pipe]) p[sockpair,sharedfile](p[pipe,sockpair,sharedfile]) \
+                  p[ns](p[pipe] p[sockpair](p[sharedfile])) p[ns,pipe,sockpair,sharedfile])"
+            .into(),
+        "wide200" => {
+            let leaf = vec!["p"; 19].join(" ");
+            let mid = vec![format!("p({leaf})"); 10].join(" ");
+            format!("p({mid})")
+        }
+        "threads64" => "p[threads=63]".into(),
+        _ => return None,
+    })
+}
+
+/// The names `tree-preset` accepts.
+const TREE_PRESETS: &[&str] = &[
+    "small",
+    "sessions",
+    "ns1",
+    "ns2",
+    "ns3",
+    "ipc",
+    "wide200",
+    "threads64",
+];
+
+// ---------------------------------------------------------------------------
+// tree: plumbing helpers
+// ---------------------------------------------------------------------------
+
+/// A failure: (node index it is about, what).
+type TreeErr = (usize, String);
+
+fn gettid() -> i32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// `(pid, ppid, pgid, sid, tid)` as seen in the caller's pid namespace
+/// (0 where the kernel hides an id of another namespace).
+fn tree_ids() -> (i32, i32, i32, i32, i32) {
+    // SAFETY: plain id queries without preconditions.
+    unsafe {
+        (
+            libc::getpid(),
+            libc::getppid(),
+            libc::getpgrp(),
+            libc::getsid(0),
+            gettid(),
+        )
+    }
+}
+
+fn close_fd(fd: c_int) {
+    if fd >= 0 {
+        // SAFETY: closing a descriptor this process owns.
+        unsafe { libc::close(fd) };
+    }
+}
+
+fn tree_pipe() -> Result<(c_int, c_int), String> {
+    let mut p = [0 as c_int; 2];
+    // SAFETY: valid out array of two ints.
+    if unsafe { libc::pipe(p.as_mut_ptr()) } != 0 {
+        return Err(format!("pipe: {}", errno()));
+    }
+    Ok((p[0], p[1]))
+}
+
+/// Write everything (pipes may take a long message in parts).
+fn tree_write_all(fd: c_int, mut data: &[u8], what: &str) -> Result<(), String> {
+    while !data.is_empty() {
+        // SAFETY: valid buffer.
+        let r = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if r < 0 {
+            let e = errno();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(format!("write {what}: {e}"));
+        }
+        data = &data[r as usize..];
+    }
+    Ok(())
+}
+
+/// Read exactly `len` bytes with ONE `read` (the data is known to be there).
+fn tree_read_exact(fd: c_int, len: usize, what: &str) -> Result<Vec<u8>, String> {
+    let mut v = vec![0u8; len];
+    // SAFETY: valid buffer of len bytes.
+    let r = unsafe { libc::read(fd, v.as_mut_ptr().cast(), len) };
+    if r != len as isize {
+        return Err(format!("read {what}: returned {r}: {}", errno()));
+    }
+    Ok(v)
+}
+
+fn tree_fionread(fd: c_int, what: &str) -> Result<usize, String> {
+    let mut n: c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } != 0 {
+        return Err(format!("FIONREAD {what}: {}", errno()));
+    }
+    Ok(n as usize)
+}
+
+fn tree_fstat(fd: c_int, what: &str) -> Result<libc::stat, String> {
+    // SAFETY: a plain C struct for which all-zero bytes are valid.
+    let mut st: libc::stat = unsafe { zeroed() };
+    // SAFETY: valid out pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(format!("fstat {what} (fd {fd}): {}", errno()));
+    }
+    Ok(st)
+}
+
+/// Check that `fd` is a pipe end opened with access mode `acc`.
+fn tree_check_pipe_end(fd: c_int, acc: c_int, what: &str) -> Result<(), String> {
+    let st = tree_fstat(fd, what)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(format!(
+            "{what} (fd {fd}) is not a pipe (mode {:#o})",
+            st.st_mode
+        ));
+    }
+    let (fl, _) = fd_flags(fd);
+    if fl & libc::O_ACCMODE != acc {
+        return Err(format!("{what} (fd {fd}): file status flags {fl:#x}"));
+    }
+    Ok(())
+}
+
+/// `waitid(P_PID, pid, flags)`, retried on EINTR; `Some((si_code,
+/// si_status))`, or `None` where WNOHANG found nothing to report.
+fn tree_waitid(pid: i32, flags: c_int) -> Result<Option<(i32, i32)>, String> {
+    loop {
+        // SAFETY: zeroed siginfo out parameter; the si_* accessors read the
+        // union members waitid fills in.
+        unsafe {
+            let mut info: libc::siginfo_t = zeroed();
+            if libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) != 0 {
+                let e = errno();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(format!("waitid({pid}): {e}"));
+            }
+            if info.si_pid() == 0 {
+                return Ok(None);
+            }
+            return Ok(Some((info.si_code, info.si_status())));
+        }
+    }
+}
+
+/// What became of a child that stopped talking (for FAIL messages).
+fn tree_child_status(pid: i32) -> String {
+    match tree_waitid(pid, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) {
+        Ok(Some((libc::CLD_EXITED, s))) => format!("exited with status {s}"),
+        Ok(Some((_, s))) => format!("killed by signal {s}"),
+        Ok(None) => "still running".into(),
+        Err(e) => e,
+    }
+}
+
+/// Reap one child (blocking, EINTR retried); its raw wait status.
+fn tree_reap(pid: i32) -> Result<c_int, String> {
+    loop {
+        let mut st: c_int = 0;
+        // SAFETY: valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+        if r == pid {
+            return Ok(st);
+        }
+        let e = errno();
+        if r < 0 && e.raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return Err(format!("waitpid({pid}): returned {r}: {e}"));
+    }
+}
+
+fn tree_describe_status(st: c_int) -> String {
+    if libc::WIFEXITED(st) {
+        format!("exited with status {}", libc::WEXITSTATUS(st))
+    } else if libc::WIFSIGNALED(st) {
+        format!("killed by signal {}", libc::WTERMSIG(st))
+    } else {
+        format!("wait status {st:#x}")
+    }
+}
+
+/// The write end of our report pipe lost its reader: the parent is gone.
+fn tree_parent_gone(up: c_int) -> bool {
+    let mut p = libc::pollfd {
+        fd: up,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r == 1 && p.revents & (libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// Reads `\n`-terminated lines from a report pipe with a deadline.
+struct LineReader {
+    fd: c_int,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+impl LineReader {
+    /// The next line without its `\n`; `Ok(None)` at end of file.
+    fn line(&mut self, deadline_ns: u128) -> Result<Option<String>, String> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let l: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Ok(Some(String::from_utf8_lossy(&l[..pos]).into_owned()));
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            let now = monotonic_ns();
+            if now >= deadline_ns {
+                return Err("timed out".into());
+            }
+            let ms = ((deadline_ns - now) / 1_000_000).clamp(1, 1000) as c_int;
+            let mut p = libc::pollfd {
+                fd: self.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            // SAFETY: valid buffer.
+            let r = unsafe { libc::read(self.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+            if r < 0 {
+                let e = errno();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(format!("read: {e}"));
+            }
+            if r == 0 {
+                self.eof = true;
+            }
+            self.buf.extend_from_slice(&chunk[..r as usize]);
+        }
+    }
+}
+
+/// Parse `FAIL <idx> <what>`.
+fn tree_parse_fail(line: &str, fallback: usize) -> Option<TreeErr> {
+    let rest = line.strip_prefix("FAIL ")?;
+    let (k, what) = rest.split_once(' ').unwrap_or((rest, ""));
+    Some(match k.parse() {
+        Ok(k) => (k, what.to_string()),
+        Err(_) => (fallback, rest.to_string()),
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+/// Make sure fds 0, 1 and 2 are open, so no pipe of ours lands there.
+fn tree_fix_stdio() {
+    for fd in 0..3 {
+        // SAFETY: fcntl query; open of a constant path.
+        unsafe {
+            if libc::fcntl(fd, libc::F_GETFD) < 0 {
+                let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if n >= 0 && n != fd {
+                    libc::dup2(n, fd);
+                    libc::close(n);
+                }
+            }
+        }
+    }
+}
+
+/// Give this member its own `/dev/null` as fds 0, 1 and 2.
+fn tree_null_stdio() {
+    // SAFETY: open of a constant path, dup2 onto the standard fds.
+    unsafe {
+        let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if n >= 0 {
+            for fd in 0..3 {
+                libc::dup2(n, fd);
+            }
+            if n > 2 {
+                libc::close(n);
+            }
+        }
+    }
+}
+
+/// Byte k of the `sharedfile` file of node `idx`.
+fn tree_file_content(idx: usize) -> Vec<u8> {
+    (0..TREE_FILE_LEN)
+        .map(|k| (k * 13 + idx * 7 + 1) as u8)
+        .collect()
+}
+
+const TREE_FILE_LEN: usize = 200;
+const TREE_FILE_OFFSET: i64 = 77;
+
+/// Create the `sharedfile` file for child `idx`: 200 bytes, offset 77.
+fn tree_create_file(idx: usize) -> Result<(c_int, PathBuf), String> {
+    let dir = std::env::var_os("PDUMP_VICTIM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let mut rnd = [0u8; 8];
+    // SAFETY: valid 8-byte buffer.
+    if unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), 8, 0) } != 8 {
+        return Err(format!("getrandom: {}", errno()));
+    }
+    let path = dir.join(format!(
+        "pdump-victim-tree-{:016x}-{idx}",
+        u64::from_ne_bytes(rnd)
+    ));
+    let c = cpath(&path);
+    // SAFETY: valid path.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(format!("open {}: {}", path.display(), errno()));
+    }
+    tree_write_all(fd, &tree_file_content(idx), "shared file")?;
+    // SAFETY: lseek has no memory preconditions.
+    if unsafe { libc::lseek(fd, TREE_FILE_OFFSET, libc::SEEK_SET) } != TREE_FILE_OFFSET {
+        return Err(format!("lseek shared file: {}", errno()));
+    }
+    Ok((fd, path))
+}
+
+fn tree_send(fd: c_int, data: &[u8], what: &str) -> Result<(), String> {
+    // SAFETY: valid buffer.
+    let r = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
+    if r != data.len() as isize {
+        return Err(format!("send {what}: returned {r}: {}", errno()));
+    }
+    Ok(())
+}
+
+/// Serialise a string as a JSON string literal without any raw space
+/// (so that the READY line splits into exactly three words).
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) <= 0x20 || c as u32 == 0x7f => {
+                o.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+// ---------------------------------------------------------------------------
+// tree: records
+// ---------------------------------------------------------------------------
+
+/// What one member reports about itself at setup: ids as seen INSIDE its
+/// own pid namespace, its pid in its parent's namespace (`outer`, filled in
+/// by the parent from `fork`'s return value) and its plumbing fds.
+#[derive(Clone, Debug, Default)]
+struct TreeRec {
+    idx: usize,
+    pid: i32,
+    ppid: i32,
+    pgid: i32,
+    sid: i32,
+    outer: i32,
+    /// Main thread first.
+    tids: Vec<i32>,
+    /// (this member's fd, its parent's fd); -1 where absent.
+    up: (i32, i32),
+    pipe: (i32, i32),
+    sock: (i32, i32),
+    /// The `sharedfile` fd: the same number in the member and its parent.
+    file: i32,
+    path: String,
+}
+
+impl TreeRec {
+    /// `R idx pid ppid pgid sid outer up.0 up.1 pipe.0 pipe.1 sock.0 sock.1
+    /// file tids(comma-separated) path(hex or -)` (internal to the victim).
+    fn to_line(&self) -> String {
+        let tids: Vec<String> = self.tids.iter().map(|t| t.to_string()).collect();
+        let path: String = self.path.bytes().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "R {} {} {} {} {} {} {} {} {} {} {} {} {} {} {}",
+            self.idx,
+            self.pid,
+            self.ppid,
+            self.pgid,
+            self.sid,
+            self.outer,
+            self.up.0,
+            self.up.1,
+            self.pipe.0,
+            self.pipe.1,
+            self.sock.0,
+            self.sock.1,
+            self.file,
+            tids.join(","),
+            if path.is_empty() { "-".into() } else { path }
+        )
+    }
+
+    fn parse(line: &str) -> Option<TreeRec> {
+        let w: Vec<&str> = line.split(' ').collect();
+        if w.len() != 16 || w[0] != "R" {
+            return None;
+        }
+        let n: Vec<i32> = w[1..14]
+            .iter()
+            .map(|x| x.parse::<i32>().ok())
+            .collect::<Option<_>>()?;
+        let tids = w[14]
+            .split(',')
+            .map(|t| t.parse::<i32>().ok())
+            .collect::<Option<Vec<_>>>()?;
+        let path = if w[15] == "-" {
+            String::new()
+        } else {
+            let bytes = (0..w[15].len() / 2)
+                .map(|i| u8::from_str_radix(w[15].get(2 * i..2 * i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()?;
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        Some(TreeRec {
+            idx: usize::try_from(n[0]).ok()?,
+            pid: n[1],
+            ppid: n[2],
+            pgid: n[3],
+            sid: n[4],
+            outer: n[5],
+            up: (n[6], n[7]),
+            pipe: (n[8], n[9]),
+            sock: (n[10], n[11]),
+            file: n[12],
+            tids,
+            path,
+        })
+    }
+}
+
+/// The JSON document of the READY line (no raw spaces; see the module
+/// documentation for the fields).
+fn tree_json(spec: &TreeSpec, recs: &[TreeRec], launcher: i32) -> String {
+    let mut o = format!(
+        "{{\"spec\":{},\"members\":{}",
+        json_str(&spec.text),
+        spec.nodes.len()
+    );
+    if launcher > 0 {
+        o.push_str(&format!(",\"launcher\":{launcher}"));
+    }
+    o.push_str(",\"nodes\":[");
+    for (i, r) in recs.iter().enumerate() {
+        let n = &spec.nodes[r.idx];
+        let f = &n.flags;
+        if i > 0 {
+            o.push(',');
+        }
+        let state = if f.zombie.is_some() {
+            "zombie"
+        } else if f.stopped {
+            "stopped"
+        } else {
+            "running"
+        };
+        let tids: Vec<String> = r.tids.iter().map(|t| t.to_string()).collect();
+        o.push_str(&format!(
+            "{{\"idx\":{},\"parent\":{},\"flags\":{},\"nsdepth\":{},\"state\":\"{state}\",\
+             \"pid\":{},\"ppid\":{},\"pgid\":{},\"sid\":{},\"pid_in_parent_ns\":{},\"tids\":[{}]",
+            r.idx,
+            n.parent.map_or(-1, |p| p as i64),
+            json_str(&n.flags_text),
+            n.nsdepth,
+            r.pid,
+            r.ppid,
+            r.pgid,
+            r.sid,
+            r.outer,
+            tids.join(",")
+        ));
+        if let Some(z) = f.zombie {
+            o.push_str(&format!(",\"exit_status\":{z}"));
+        }
+        for (name, (a, b)) in [("up_fds", r.up), ("pipe_fds", r.pipe), ("sock_fds", r.sock)] {
+            if a >= 0 {
+                o.push_str(&format!(",\"{name}\":[{a},{b}]"));
+            }
+        }
+        if r.file >= 0 {
+            o.push_str(&format!(
+                ",\"file_fd\":{},\"file\":{}",
+                r.file,
+                json_str(&r.path)
+            ));
+        }
+        o.push('}');
+    }
+    o.push_str("]}");
+    o
+}
+
+// ---------------------------------------------------------------------------
+// tree: per-member work and threads
+// ---------------------------------------------------------------------------
+
+const TREE_WORDS: usize = 512;
+
+/// The sleep per loop iteration of every member: 1 ms, or one ms per 10
+/// members in bigger trees (20 ms for `wide200`), so that the whole tree
+/// stays light.
+fn tree_nap_ms(spec: &TreeSpec) -> u64 {
+    (spec.nodes.len() as u64 / 10).max(1)
+}
+
+/// A member's light self-check: a 4 KiB buffer modified one word per
+/// iteration with a running position-weighted checksum (full recompute
+/// every 256 iterations), word 0 a never-modified per-node tag, and a
+/// counter pair (`iters ^ down == !0`).
+struct TreeWork {
+    idx: usize,
+    buf: Vec<u64>,
+    rng: u64,
+    iters: u64,
+    down: u64,
+    sum: u64,
+}
+
+fn tree_word(idx: usize, j: usize) -> u64 {
+    splitmix64(0x7EE0_0000_0000 ^ ((idx as u64) << 16) ^ j as u64)
+}
+
+impl TreeWork {
+    fn new(idx: usize) -> TreeWork {
+        let buf: Vec<u64> = (0..TREE_WORDS).map(|j| tree_word(idx, j)).collect();
+        let mut w = TreeWork {
+            idx,
+            buf,
+            rng: splitmix64(idx as u64) | 1,
+            iters: 0,
+            down: u64::MAX,
+            sum: 0,
+        };
+        w.sum = w.full();
+        w
+    }
+
+    fn full(&self) -> u64 {
+        self.buf.iter().enumerate().fold(0u64, |s, (i, &w)| {
+            s.wrapping_add(w.wrapping_mul(loop_weight(i)))
+        })
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let j = 1 + (self.rng >> 32) as usize % (TREE_WORDS - 1);
+        let old = self.buf[j];
+        let new = old.rotate_left(11) ^ self.rng;
+        self.buf[j] = new;
+        self.sum = self
+            .sum
+            .wrapping_add(new.wrapping_sub(old).wrapping_mul(loop_weight(j)));
+        self.iters += 1;
+        self.down = opaque(self.down).wrapping_sub(1);
+        if self.iters ^ self.down != u64::MAX || self.rng == 0 {
+            return Err(format!(
+                "counter pair corrupted: iters={} down={:#x} rng={:#x}",
+                self.iters, self.down, self.rng
+            ));
+        }
+        if self.iters.is_multiple_of(256) {
+            self.verify()?;
+        }
+        Ok(())
+    }
+
+    fn verify(&self) -> Result<(), String> {
+        let s = self.full();
+        if s != self.sum {
+            return Err(format!(
+                "buffer checksum {s:#x}, running {:#x} (iteration {})",
+                self.sum, self.iters
+            ));
+        }
+        if self.buf[0] != tree_word(self.idx, 0) {
+            return Err(format!(
+                "buffer tag {:#x} (not node {}'s)",
+                self.buf[0], self.idx
+            ));
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    static TREE_TLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+struct TreeThreadsShared {
+    stop: AtomicBool,
+    started: AtomicUsize,
+    progress: Vec<AtomicU64>,
+    tids: Vec<std::sync::atomic::AtomicI32>,
+}
+
+/// The extra threads of a `threads=N` member.
+struct TreeThreads {
+    sh: Arc<TreeThreadsShared>,
+    handles: Vec<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+/// One extra thread: a thread-local counter mirrored by a local one, both
+/// bumped every ~10 ms; at the end its tid and signal mask must be unchanged.
+fn tree_thread(k: usize, sh: &TreeThreadsShared, mask: u64) -> Result<u64, String> {
+    let tid = gettid();
+    sh.tids[k].store(tid, Ordering::SeqCst);
+    TREE_TLS.with(|c| c.set(0));
+    let mut count = 0u64;
+    sh.started.fetch_add(1, Ordering::SeqCst);
+    while !sh.stop.load(Ordering::Acquire) {
+        count += 1;
+        let t = TREE_TLS.with(|c| {
+            let v = opaque(c.get()) + 1;
+            c.set(v);
+            v
+        });
+        if t != count {
+            return Err(format!(
+                "thread {k}: thread-local counter {t}, expected {count}"
+            ));
+        }
+        sh.progress[k].store(count, Ordering::Release);
+        nap(10);
+    }
+    if gettid() != tid {
+        return Err(format!("thread {k}: tid {} now, {tid} at start", gettid()));
+    }
+    let m = get_mask();
+    if m != mask {
+        return Err(format!(
+            "thread {k}: signal mask {m:#x}, expected {mask:#x}"
+        ));
+    }
+    Ok(count)
+}
+
+impl TreeThreads {
+    /// Start `n` threads with SIGTERM blocked in them (so the handler always
+    /// runs on the main thread and its alternate stack).
+    fn start(n: usize, mask: u64) -> Result<TreeThreads, String> {
+        let tmask = mask | sigbit(libc::SIGTERM);
+        let sh = Arc::new(TreeThreadsShared {
+            stop: AtomicBool::new(false),
+            started: AtomicUsize::new(0),
+            progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            tids: (0..n)
+                .map(|_| std::sync::atomic::AtomicI32::new(0))
+                .collect(),
+        });
+        set_mask(tmask);
+        let mut handles = Vec::new();
+        for k in 0..n {
+            let sh = sh.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("tree-{k}"))
+                .stack_size(256 * 1024)
+                .spawn(move || tree_thread(k, &sh, tmask));
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    set_mask(mask);
+                    return Err(format!("spawning thread {k}: {e}"));
+                }
+            }
+        }
+        set_mask(mask);
+        while sh.started.load(Ordering::SeqCst) != n {
+            if handles.iter().any(|h| h.is_finished()) {
+                return Err("a thread ended before starting".into());
+            }
+            std::thread::yield_now();
+        }
+        Ok(TreeThreads { sh, handles })
+    }
+
+    fn tids(&self) -> Vec<i32> {
+        self.sh
+            .tids
+            .iter()
+            .map(|t| t.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Every thread must still make progress (2 more iterations within
+    /// 10 s); then stop and join them all.
+    fn check_and_stop(self) -> Result<(), String> {
+        let p0: Vec<u64> = self
+            .sh
+            .progress
+            .iter()
+            .map(|p| p.load(Ordering::Acquire))
+            .collect();
+        let start = monotonic_ns();
+        let mut res = Ok(());
+        for (k, p) in self.sh.progress.iter().enumerate() {
+            while p.load(Ordering::Acquire) < p0[k] + 2 {
+                if monotonic_ns() - start > 10_000_000_000 || self.handles[k].is_finished() {
+                    res = Err(format!(
+                        "thread {k} made no progress after SIGTERM (counter {})",
+                        p.load(Ordering::Acquire)
+                    ));
+                    break;
+                }
+                nap(2);
+            }
+            if res.is_err() {
+                break;
+            }
+        }
+        self.sh.stop.store(true, Ordering::Release);
+        for (k, h) in self.handles.into_iter().enumerate() {
+            let r = h.join().map_err(|_| format!("thread {k} panicked"))?;
+            let c = r?;
+            let p = self.sh.progress[k].load(Ordering::Acquire);
+            if c != p {
+                return Err(format!("thread {k}: counter {c}, published {p}"));
+            }
+        }
+        res
+    }
+}
+
+// ---------------------------------------------------------------------------
+// tree: members
+// ---------------------------------------------------------------------------
+
+/// A parent's handle on one child node.
+struct TreeLink {
+    idx: usize,
+    /// The child's pid in the parent's pid namespace (`fork`'s result).
+    pid: i32,
+    /// The report pipe's read end.
+    rd: LineReader,
+    /// The parent's ends of `pipe`, `sockpair`, `sharedfile` (-1: none).
+    pipe_w: c_int,
+    sock: c_int,
+    file: c_int,
+    path: Option<PathBuf>,
+    /// A `stopped` child was seen continued (`CLD_CONTINUED`).
+    cont_seen: bool,
+}
+
+/// A member's own ends of what it shares with its parent (-1: none), and
+/// the parent's fd numbers of the other ends (for the READY line).
+#[derive(Clone, Copy)]
+struct TreeOwn {
+    up: c_int,
+    up_parent: c_int,
+    pipe: c_int,
+    pipe_parent: c_int,
+    sock: c_int,
+    sock_parent: c_int,
+    file: c_int,
+}
+
+impl TreeOwn {
+    const NONE: TreeOwn = TreeOwn {
+        up: -1,
+        up_parent: -1,
+        pipe: -1,
+        pipe_parent: -1,
+        sock: -1,
+        sock_parent: -1,
+        file: -1,
+    };
+}
+
+/// One live member of the tree (any node but a zombie after its exit).
+struct TreeMember<'a> {
+    spec: &'a TreeSpec,
+    idx: usize,
+    common: &'a Common,
+    own: TreeOwn,
+    path: Option<PathBuf>,
+    /// For `pgid=K`: node K's pid (in this member's namespace).
+    sib_pid: i32,
+    /// For a root that is a pid-namespace init: the launcher's pid.
+    launcher: i32,
+    links: Vec<TreeLink>,
+    /// This member's record first, then its subtree's, in DFS order.
+    recs: Vec<TreeRec>,
+    work: TreeWork,
+    threads: Option<TreeThreads>,
+}
+
+impl<'a> TreeMember<'a> {
+    fn new(spec: &'a TreeSpec, idx: usize, common: &'a Common, own: TreeOwn) -> Self {
+        TreeMember {
+            spec,
+            idx,
+            common,
+            own,
+            path: None,
+            sib_pid: -1,
+            launcher: -1,
+            links: Vec::new(),
+            recs: Vec::new(),
+            work: TreeWork::new(idx),
+            threads: None,
+        }
+    }
+
+    fn is_root(&self) -> bool {
+        self.idx == 0
+    }
+
+    fn flags(&self) -> &'a TreeFlags {
+        &self.spec.nodes[self.idx].flags
+    }
+
+    /// Send one line up: the root prints it, others write it to the parent.
+    fn report(&self, line: &str) -> Result<(), String> {
+        if self.is_root() {
+            emit(line);
+            Ok(())
+        } else {
+            tree_write_all(self.own.up, format!("{line}\n").as_bytes(), "report pipe")
+        }
+    }
+
+    fn kill_children(&self) {
+        for l in &self.links {
+            if self.spec.nodes[l.idx].flags.zombie.is_none() {
+                // SAFETY: kill of our own child.
+                unsafe { libc::kill(l.pid, libc::SIGKILL) };
+            }
+        }
+    }
+
+    /// Report a failure at once, kill our children, exit 1.
+    fn die(&self, k: usize, what: &str) -> ! {
+        self.kill_children();
+        let _ = self.report(&format!("FAIL {k} {}", one_line(what)));
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(1) }
+    }
+
+    /// Every fd of ours that a new child must close.
+    fn held_fds(&self) -> Vec<c_int> {
+        let o = &self.own;
+        let mut v = vec![o.up, o.pipe, o.sock, o.file];
+        for l in &self.links {
+            v.extend([l.rd.fd, l.pipe_w, l.sock, l.file]);
+        }
+        v.retain(|&fd| fd >= 0);
+        v
+    }
+
+    /// Session and group, children (one after the other, each fully set up
+    /// before the next), threads, own record.
+    fn setup(&mut self, outer: i32) -> Result<(), TreeErr> {
+        let me = self.idx;
+        let spec = self.spec;
+        let node = &spec.nodes[me];
+        let f = &node.flags;
+        let err = |what: String| (me, what);
+        // SAFETY: session/group syscalls without memory arguments.
+        unsafe {
+            if f.setsid && libc::setsid() < 0 {
+                return Err(err(format!("setsid: {}", errno())));
+            }
+            let target = match f.pgid {
+                TreePgid::Inherit => None,
+                TreePgid::Own => Some(0),
+                TreePgid::Parent => Some(libc::getpgid(libc::getppid())),
+                TreePgid::Node(_) => Some(libc::getpgid(self.sib_pid)),
+            };
+            if let Some(g) = target {
+                if g < 0 || (g == 0 && f.pgid != TreePgid::Own) {
+                    return Err(err(format!(
+                        "pgid: target group {g} not visible: {}",
+                        errno()
+                    )));
+                }
+                if libc::setpgid(0, g) != 0 {
+                    return Err(err(format!("setpgid(0, {g}): {}", errno())));
+                }
+                let now = libc::getpgrp();
+                if now != if g == 0 { libc::getpid() } else { g } {
+                    return Err(err(format!("pgid is {now} after setpgid(0, {g})")));
+                }
+            }
+        }
+        let mut sub = Vec::new();
+        for &c in &node.children {
+            let sib = match spec.nodes[c].flags.pgid {
+                TreePgid::Node(k) => self.links.iter().find(|l| l.idx == k).map_or(-1, |l| l.pid),
+                _ => -1,
+            };
+            let held = self.held_fds();
+            let (link, recs) = tree_spawn(spec, c, self.common, &held, sib)?;
+            self.links.push(link);
+            sub.extend(recs);
+        }
+        let mut tids = vec![gettid()];
+        if f.threads > 0 {
+            let t = TreeThreads::start(f.threads, self.common.mask).map_err(err)?;
+            tids.extend(t.tids());
+            self.threads = Some(t);
+        }
+        let (pid, ppid, pgid, sid, _) = tree_ids();
+        let o = &self.own;
+        self.recs.push(TreeRec {
+            idx: me,
+            pid,
+            ppid,
+            pgid,
+            sid,
+            outer,
+            tids,
+            up: (o.up, o.up_parent),
+            pipe: (o.pipe, o.pipe_parent),
+            sock: (o.sock, o.sock_parent),
+            file: o.file,
+            path: self
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        });
+        self.recs.extend(sub);
+        Ok(())
+    }
+
+    /// Tell the parent (or the test) that the subtree is ready.
+    fn ready(&self) -> Result<(), String> {
+        if self.is_root() {
+            if self.recs.len() != self.spec.nodes.len() {
+                return Err(format!(
+                    "{} records for {} nodes",
+                    self.recs.len(),
+                    self.spec.nodes.len()
+                ));
+            }
+            for (i, r) in self.recs.iter().enumerate() {
+                if r.idx != i {
+                    return Err(format!("record {i} is node {}'s", r.idx));
+                }
+            }
+            let json = tree_json(self.spec, &self.recs, self.launcher);
+            emit(&format!("READY {} {json}", self.recs[0].outer));
+            Ok(())
+        } else {
+            let mut msg = String::new();
+            for r in &self.recs {
+                msg.push_str(&r.to_line());
+                msg.push('\n');
+            }
+            msg.push_str("END\n");
+            tree_write_all(self.own.up, msg.as_bytes(), "report pipe")
+        }
+    }
+
+    /// Note `stopped` children that have been continued since.
+    fn poll_continued(&mut self) {
+        let spec = self.spec;
+        for l in self.links.iter_mut() {
+            if spec.nodes[l.idx].flags.stopped && !l.cont_seen {
+                if let Ok(Some((libc::CLD_CONTINUED, _))) =
+                    tree_waitid(l.pid, libc::WCONTINUED | libc::WNOHANG | libc::WNOWAIT)
+                {
+                    l.cont_seen = true;
+                }
+            }
+        }
+    }
+
+    /// The light self-checking loop, until SIGTERM: one step per
+    /// [`tree_nap_ms`]; about every 64 ms it checks for a dead parent and
+    /// for continued `stopped` children.
+    fn run(&mut self) {
+        let ms = tree_nap_ms(self.spec);
+        let every = (64 / ms).max(1);
+        while !term_requested() {
+            if let Err(e) = self.work.step() {
+                self.die(self.idx, &e);
+            }
+            if self.work.iters.is_multiple_of(every) {
+                if self.own.up >= 0 && tree_parent_gone(self.own.up) {
+                    // Orphaned (the parent died): nobody is left to report to.
+                    self.kill_children();
+                    // SAFETY: _exit has no preconditions.
+                    unsafe { libc::_exit(3) };
+                }
+                self.poll_continued();
+            }
+            nap(ms);
+        }
+    }
+
+    /// The checks of this member's own state after SIGTERM.
+    fn self_check(&mut self) -> Result<(), String> {
+        let r = &self.recs[0];
+        let now = tree_ids();
+        let then = (r.pid, r.ppid, r.pgid, r.sid, r.tids[0]);
+        if now != then {
+            return Err(format!(
+                "(pid, ppid, pgid, sid, tid) is {now:?}, was {then:?} at READY"
+            ));
+        }
+        self.work.verify()?;
+        if let Some(t) = self.threads.take() {
+            let tids = t.tids();
+            if tids[..] != r.tids[1..] {
+                return Err(format!("thread ids {tids:?}, were {:?}", &r.tids[1..]));
+            }
+            t.check_and_stop()?;
+        }
+        let o = self.own;
+        if o.up >= 0 {
+            tree_check_pipe_end(o.up, libc::O_WRONLY, "report pipe")?;
+        }
+        if o.pipe >= 0 {
+            tree_check_pipe_end(o.pipe, libc::O_RDONLY, "pipe")?;
+            let n = tree_fionread(o.pipe, "pipe")?;
+            if n != 10 {
+                return Err(format!("pipe (fd {}) holds {n} bytes, expected 10", o.pipe));
+            }
+            let d = tree_read_exact(o.pipe, 10, "pipe")?;
+            if d != b"ping\npong\n" {
+                return Err(format!("pipe data {:?}", String::from_utf8_lossy(&d)));
+            }
+        }
+        if o.sock >= 0 {
+            let mut ty: c_int = 0;
+            let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+            // SAFETY: valid out pointers of the right size.
+            let r = unsafe {
+                libc::getsockopt(
+                    o.sock,
+                    libc::SOL_SOCKET,
+                    libc::SO_TYPE,
+                    (&mut ty as *mut c_int).cast(),
+                    &mut len,
+                )
+            };
+            if r != 0 || ty != libc::SOCK_STREAM {
+                return Err(format!("socket (fd {}): SO_TYPE {ty}: {}", o.sock, errno()));
+            }
+            let n = tree_fionread(o.sock, "socket")?;
+            if n != 10 {
+                return Err(format!(
+                    "socket (fd {}) holds {n} bytes, expected 10",
+                    o.sock
+                ));
+            }
+            let d = tree_read_exact(o.sock, 10, "socket")?;
+            if d != b"helloworld" {
+                return Err(format!("socket data {:?}", String::from_utf8_lossy(&d)));
+            }
+            tree_send(o.sock, b"back!", "socket")?;
+        }
+        if o.file >= 0 {
+            let off = offset(o.file);
+            if off != TREE_FILE_OFFSET {
+                return Err(format!(
+                    "shared file (fd {}) offset {off}, expected 77",
+                    o.file
+                ));
+            }
+            let st = tree_fstat(o.file, "shared file")?;
+            if st.st_size != TREE_FILE_LEN as i64 {
+                return Err(format!("shared file size {}", st.st_size));
+            }
+            let mut v = vec![0u8; TREE_FILE_LEN];
+            // SAFETY: valid buffer.
+            let n = unsafe { libc::pread(o.file, v.as_mut_ptr().cast(), v.len(), 0) };
+            let parent = self.spec.nodes[self.idx].parent.unwrap_or(0);
+            if n != TREE_FILE_LEN as isize || v != tree_file_content(self.idx) {
+                return Err(format!(
+                    "shared file content wrong (pread {n}; parent {parent})"
+                ));
+            }
+            let (fl, _) = fd_flags(o.file);
+            if fl & libc::O_ACCMODE != libc::O_RDWR {
+                return Err(format!("shared file status flags {fl:#x}"));
+            }
+            // Move the shared offset: the parent checks it sees 78.
+            // SAFETY: lseek has no memory preconditions.
+            if unsafe { libc::lseek(o.file, TREE_FILE_OFFSET + 1, libc::SEEK_SET) } != 78 {
+                return Err(format!("lseek shared file: {}", errno()));
+            }
+        }
+        self.common.verify()
+    }
+
+    /// After SIGTERM: forward it, collect the children's results, check
+    /// zombies and ourselves, reap, report. Returns the number of verified
+    /// nodes of this subtree, or the failure with the lowest node index.
+    fn finish(&mut self) -> Result<u64, TreeErr> {
+        let spec = self.spec;
+        let mut fails: Vec<TreeErr> = Vec::new();
+        let mut count = 0u64;
+        self.poll_continued();
+        let mut given_up = vec![false; self.links.len()];
+        for (i, l) in self.links.iter().enumerate() {
+            let cf = &spec.nodes[l.idx].flags;
+            if cf.zombie.is_some() {
+                continue;
+            }
+            let dead = !matches!(
+                tree_waitid(l.pid, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT),
+                Ok(None)
+            );
+            if cf.stopped && !l.cont_seen && !dead {
+                // Still stopped (no SIGCONT before SIGTERM), or it never
+                // was: either way it cannot answer as it should.
+                fails.push((
+                    l.idx,
+                    "stopped member: no CLD_CONTINUED (not continued before SIGTERM, or not stopped when SIGCONT came)".into(),
+                ));
+                // SAFETY: kill of our own child.
+                unsafe { libc::kill(l.pid, libc::SIGKILL) };
+                given_up[i] = true;
+                continue;
+            }
+            if l.pipe_w >= 0 {
+                if let Err(e) = tree_write_all(l.pipe_w, b"pong\n", "pipe") {
+                    fails.push((l.idx, e));
+                }
+            }
+            if l.sock >= 0 {
+                if let Err(e) = tree_send(l.sock, b"world", "socket") {
+                    fails.push((l.idx, e));
+                }
+            }
+            // SAFETY: kill of our own child.
+            if unsafe { libc::kill(l.pid, libc::SIGTERM) } != 0 {
+                fails.push((l.idx, format!("kill({}, SIGTERM): {}", l.pid, errno())));
+            }
+        }
+        let depth = spec.nodes[self.idx].depth as u128;
+        let deadline = monotonic_ns()
+            + 40_000_000_000u128
+                .saturating_sub(depth * 2_000_000_000)
+                .max(5_000_000_000);
+        let mut reported_ok = vec![false; self.links.len()];
+        for (i, l) in self.links.iter_mut().enumerate() {
+            let cf = &spec.nodes[l.idx].flags;
+            if let Some(z) = cf.zombie {
+                match tree_waitid(l.pid, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) {
+                    Ok(Some((libc::CLD_EXITED, s))) if s == z as i32 => count += 1,
+                    other => fails.push((
+                        l.idx,
+                        format!(
+                            "zombie (pid {}): waitid says {other:?}, expected exit {z}",
+                            l.pid
+                        ),
+                    )),
+                }
+                continue;
+            }
+            if given_up[i] {
+                continue;
+            }
+            match l.rd.line(deadline) {
+                Ok(Some(line)) => {
+                    if let Some(n) = line.strip_prefix("OK ").and_then(|n| n.parse::<u64>().ok()) {
+                        count += n;
+                        reported_ok[i] = true;
+                        if let Err(e) = tree_parent_post_check(l) {
+                            fails.push((l.idx, e));
+                        }
+                    } else if let Some(f) = tree_parse_fail(&line, l.idx) {
+                        fails.push(f);
+                    } else {
+                        fails.push((l.idx, format!("bad result line {line:?}")));
+                    }
+                }
+                Ok(None) => fails.push((
+                    l.idx,
+                    format!("died without a result ({})", tree_child_status(l.pid)),
+                )),
+                Err(e) => {
+                    // SAFETY: kill of our own child.
+                    unsafe { libc::kill(l.pid, libc::SIGKILL) };
+                    fails.push((l.idx, format!("no result after SIGTERM: {e}")));
+                }
+            }
+        }
+        match self.self_check() {
+            Ok(()) => count += 1,
+            Err(e) => fails.push((self.idx, e)),
+        }
+        for (i, l) in self.links.iter().enumerate() {
+            let want = match spec.nodes[l.idx].flags.zombie {
+                Some(z) => Some(z as i32),
+                None if reported_ok[i] => Some(0),
+                None => None,
+            };
+            match tree_reap(l.pid) {
+                Ok(st) => {
+                    if let Some(w) = want {
+                        if !libc::WIFEXITED(st) || libc::WEXITSTATUS(st) != w {
+                            fails.push((
+                                l.idx,
+                                format!("{}, expected exit status {w}", tree_describe_status(st)),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => fails.push((l.idx, e)),
+            }
+            if let Some(p) = &l.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        match fails.into_iter().min_by_key(|f| f.0) {
+            None => Ok(count),
+            Some(f) => Err(f),
+        }
+    }
+}
+
+/// The parent's checks after a child reported OK: the socket's way back,
+/// the shared file offset the child moved, the pipe the child emptied.
+fn tree_parent_post_check(l: &TreeLink) -> Result<(), String> {
+    if l.pipe_w >= 0 {
+        tree_check_pipe_end(l.pipe_w, libc::O_WRONLY, "parent's pipe end")?;
+        let n = tree_fionread(l.pipe_w, "parent's pipe end")?;
+        if n != 0 {
+            return Err(format!(
+                "parent's pipe end (fd {}) still holds {n} bytes: not the child's pipe",
+                l.pipe_w
+            ));
+        }
+    }
+    if l.sock >= 0 {
+        let n = tree_fionread(l.sock, "parent's socket")?;
+        if n != 5 {
+            return Err(format!(
+                "parent's socket (fd {}) holds {n} bytes, expected 5",
+                l.sock
+            ));
+        }
+        let d = tree_read_exact(l.sock, 5, "parent's socket")?;
+        if d != b"back!" {
+            return Err(format!(
+                "parent's socket data {:?}",
+                String::from_utf8_lossy(&d)
+            ));
+        }
+    }
+    if l.file >= 0 {
+        let off = offset(l.file);
+        if off != TREE_FILE_OFFSET + 1 {
+            return Err(format!(
+                "parent's shared file (fd {}) offset {off}, expected 78: the open file is not shared",
+                l.file
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Create child node `ci`: its plumbing, `fork` (after `unshare(CLONE_NEWPID)`
+/// for `ns`, then back to our own namespace for later children), wait for
+/// its subtree's report, then for it to become a zombie or stop.
+fn tree_spawn(
+    spec: &TreeSpec,
+    ci: usize,
+    common: &Common,
+    held: &[c_int],
+    sib_pid: i32,
+) -> Result<(TreeLink, Vec<TreeRec>), TreeErr> {
+    let cf = &spec.nodes[ci].flags;
+    let err = |what: String| (ci, what);
+    let (up_r, up_w) = tree_pipe().map_err(err)?;
+    let (pipe_r, pipe_w) = if cf.pipe {
+        let (r, w) = tree_pipe().map_err(err)?;
+        tree_write_all(w, b"ping\n", "pipe").map_err(err)?;
+        (r, w)
+    } else {
+        (-1, -1)
+    };
+    let (sock_p, sock_c) = if cf.sockpair {
+        let mut sv = [0 as c_int; 2];
+        // SAFETY: valid out array of two ints.
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) } != 0 {
+            return Err(err(format!("socketpair: {}", errno())));
+        }
+        tree_send(sv[0], b"hello", "socket").map_err(err)?;
+        (sv[0], sv[1])
+    } else {
+        (-1, -1)
+    };
+    let (file, path) = if cf.sharedfile {
+        let (fd, p) = tree_create_file(ci).map_err(err)?;
+        (fd, Some(p))
+    } else {
+        (-1, None)
+    };
+    let nsfd = if cf.ns {
+        // SAFETY: open of a constant path; unshare without memory arguments.
+        unsafe {
+            let fd = libc::open(
+                c"/proc/self/ns/pid".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                return Err(err(format!("open /proc/self/ns/pid: {}", errno())));
+            }
+            if libc::unshare(libc::CLONE_NEWPID) != 0 {
+                return Err(err(format!("unshare(CLONE_NEWPID): {}", errno())));
+            }
+            fd
+        }
+    } else {
+        -1
+    };
+    // SAFETY: this process is single-threaded here (threads are started
+    // only after all children exist), so the child may run arbitrary code.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        for fd in held.iter().copied().chain([up_r, pipe_w, sock_p, nsfd]) {
+            close_fd(fd);
+        }
+        tree_null_stdio();
+        TERM.store(false, Ordering::SeqCst);
+        TERM_ALT.store(0, Ordering::SeqCst);
+        let own = TreeOwn {
+            up: up_w,
+            up_parent: up_r,
+            pipe: pipe_r,
+            pipe_parent: pipe_w,
+            sock: sock_c,
+            sock_parent: sock_p,
+            file,
+        };
+        let mut m = TreeMember::new(spec, ci, common, own);
+        m.path = path;
+        m.sib_pid = sib_pid;
+        tree_member_main(m, -1)
+    }
+    let fork_err = errno();
+    if nsfd >= 0 {
+        // SAFETY: setns with our own descriptor; back to the namespace we
+        // are in, so later children are born there.
+        let r = unsafe { libc::setns(nsfd, libc::CLONE_NEWPID) };
+        let e = errno();
+        close_fd(nsfd);
+        if r != 0 {
+            return Err(err(format!("setns back to our pid namespace: {e}")));
+        }
+    }
+    if pid < 0 {
+        return Err(err(format!("fork: {fork_err}")));
+    }
+    for fd in [up_w, pipe_r, sock_c] {
+        close_fd(fd);
+    }
+    let mut link = TreeLink {
+        idx: ci,
+        pid,
+        rd: LineReader {
+            fd: up_r,
+            buf: Vec::new(),
+            eof: false,
+        },
+        pipe_w,
+        sock: sock_p,
+        file,
+        path,
+        cont_seen: false,
+    };
+    let kill_it = |what: TreeErr| {
+        // SAFETY: kill of our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        what
+    };
+    let deadline = monotonic_ns() + 120_000_000_000;
+    let mut recs = Vec::new();
+    loop {
+        match link.rd.line(deadline) {
+            Ok(Some(l)) if l == "END" => break,
+            Ok(Some(l)) => {
+                if let Some(f) = tree_parse_fail(&l, ci) {
+                    return Err(kill_it(f));
+                }
+                match TreeRec::parse(&l) {
+                    Some(r) => recs.push(r),
+                    None => return Err(kill_it(err(format!("bad setup line {l:?}")))),
+                }
+            }
+            Ok(None) => {
+                return Err(err(format!(
+                    "died during setup ({})",
+                    tree_child_status(pid)
+                )))
+            }
+            Err(e) => return Err(kill_it(err(format!("setup report: {e}")))),
+        }
+    }
+    match recs.first_mut() {
+        Some(r) if r.idx == ci => r.outer = pid,
+        _ => {
+            return Err(kill_it(err(
+                "setup report does not start with the child".into()
+            )))
+        }
+    }
+    if let Some(z) = cf.zombie {
+        match tree_waitid(pid, libc::WEXITED | libc::WNOWAIT) {
+            Ok(Some((libc::CLD_EXITED, s))) if s == z as i32 => {}
+            other => {
+                return Err(err(format!(
+                    "zombie: waitid says {other:?}, expected exit {z}"
+                )))
+            }
+        }
+    }
+    if cf.stopped {
+        if cf.ns {
+            // A pid-namespace init cannot stop itself; from the parent's
+            // namespace SIGSTOP is forced.
+            // SAFETY: kill of our own child.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        match tree_waitid(pid, libc::WSTOPPED | libc::WEXITED | libc::WNOWAIT) {
+            Ok(Some((libc::CLD_STOPPED, libc::SIGSTOP))) => {}
+            other => {
+                return Err(kill_it(err(format!(
+                    "stop: waitid says {other:?}, expected a SIGSTOP stop"
+                ))))
+            }
+        }
+    }
+    Ok((link, recs))
+}
+
+/// The life of one member after `fork` (never returns): setup, READY report,
+/// then exit (`zombie`) or stop (`stopped`), the loop, the final checks.
+fn tree_member_main(mut m: TreeMember, outer: i32) -> ! {
+    let f = m.flags();
+    if let Err((k, what)) = m.setup(outer) {
+        m.die(k, &what);
+    }
+    if let Err(e) = m.ready() {
+        m.die(m.idx, &e);
+    }
+    if let Some(z) = f.zombie {
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(z as c_int) };
+    }
+    if f.stopped && !f.ns {
+        // SAFETY: kill of ourselves.
+        if unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) } != 0 {
+            m.die(m.idx, &format!("kill(self, SIGSTOP): {}", errno()));
+        }
+    }
+    let target = corrupt_request().and_then(|v| v.strip_prefix("node=")?.parse::<usize>().ok());
+    if target == Some(m.idx) {
+        // Self-test: one bit behind the running checksum's back.
+        m.work.buf[5] ^= 1 << 17;
+    }
+    m.run();
+    let res = m.finish();
+    let (line, code) = match (res, m.is_root()) {
+        (Ok(n), true) if n == m.spec.nodes.len() as u64 => (format!("OK tree={n}"), 0),
+        (Ok(n), true) => (
+            format!("FAIL 0 verified {n} nodes of {}", m.spec.nodes.len()),
+            1,
+        ),
+        (Ok(n), false) => (format!("OK {n}"), 0),
+        (Err((k, what)), _) => (format!("FAIL {k} {}", one_line(&what)), 1),
+    };
+    let _ = m.report(&line);
+    // SAFETY: _exit has no preconditions; the root's line was flushed.
+    unsafe { libc::_exit(code) }
+}
+
+/// A root with `ns`: this process stays outside the tree as its launcher
+/// (the root's parent), forwards SIGTERM to it and exits with its status.
+fn tree_launch(spec: &TreeSpec, common: &Common) -> ! {
+    let (r, w) = tree_pipe().unwrap_or_else(|e| fail(format!("0 {e}")));
+    // SAFETY: unshare without memory arguments.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        fail(format!("0 unshare(CLONE_NEWPID): {}", errno()));
+    }
+    // SAFETY: single-threaded here.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        fail(format!("0 fork: {}", errno()));
+    }
+    if pid == 0 {
+        close_fd(w);
+        let mut b = [0u8; 8];
+        let got = tree_read_exact(r, 8, "launcher pipe").unwrap_or_else(|e| fail(format!("0 {e}")));
+        b.copy_from_slice(&got);
+        close_fd(r);
+        TERM.store(false, Ordering::SeqCst);
+        TERM_ALT.store(0, Ordering::SeqCst);
+        let outer = i32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let mut m = TreeMember::new(spec, 0, common, TreeOwn::NONE);
+        m.launcher = i32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+        tree_member_main(m, outer)
+    }
+    close_fd(r);
+    let mut msg = pid.to_ne_bytes().to_vec();
+    msg.extend(getpid().to_ne_bytes());
+    if let Err(e) = tree_write_all(w, &msg, "launcher pipe") {
+        fail(format!("0 {e}"));
+    }
+    close_fd(w);
+    let mut forwarded = false;
+    loop {
+        let mut st: c_int = 0;
+        // SAFETY: valid out pointer.
+        let rr = unsafe { libc::waitpid(pid, &mut st, 0) };
+        if rr == pid {
+            let code = if libc::WIFEXITED(st) {
+                libc::WEXITSTATUS(st)
+            } else {
+                128 + libc::WTERMSIG(st)
+            };
+            std::process::exit(code);
+        }
+        if errno().raw_os_error() != Some(libc::EINTR) {
+            std::process::exit(125);
+        }
+        if term_requested() && !forwarded {
+            forwarded = true;
+            // SAFETY: kill of our own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
+
+/// `tree SPEC`.
+fn mode_tree(text: &str) -> ! {
+    let spec = parse_tree_spec(text).unwrap_or_else(|e| {
+        eprintln!("pdump-victim: {e}");
+        std::process::exit(2)
+    });
+    tree_fix_stdio();
+    // Zombies must stay: SIGCHLD must not be ignored (that is inherited
+    // across exec and would make the kernel reap them).
+    // SAFETY: resetting a disposition to its default.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    let common = common_init(0);
+    if spec.nodes[0].flags.ns {
+        tree_launch(&spec, &common)
+    }
+    tree_member_main(TreeMember::new(&spec, 0, &common, TreeOwn::NONE), getpid())
+}
+
+/// `tree-preset NAME`.
+fn mode_tree_preset(name: Option<&String>) -> ! {
+    let spec = name.and_then(|n| tree_preset(n)).unwrap_or_else(|| {
+        eprintln!(
+            "pdump-victim: tree-preset needs one of: {}",
+            TREE_PRESETS.join(" ")
+        );
+        std::process::exit(2)
+    });
+    mode_tree(&spec)
+}
+
+// ---------------------------------------------------------------------------
 
 fn usage() -> ! {
     eprintln!(
         "usage: pdump-victim MODE [ARGS]\n\
-         modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers"
+         modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers\n       \
+         | tree SPEC | tree-preset NAME"
     );
     std::process::exit(2)
 }
@@ -2064,6 +4166,8 @@ fn main() {
         ),
         "fds" => mode_fds(),
         "timers" => mode_timers(),
+        "tree" => mode_tree(&args[2..].join(" ")),
+        "tree-preset" => mode_tree_preset(args.get(2)),
         _ => usage(),
     };
     match res {
