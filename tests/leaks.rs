@@ -25,7 +25,9 @@ impl Drop for Proc {
 fn sh(script: &str) -> (Proc, String) {
     use std::os::unix::process::CommandExt;
     let mut c = Command::new("sh");
-    c.args(["-c", script]).stdout(Stdio::piped()).stdin(Stdio::null());
+    c.args(["-c", script])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null());
     // SAFETY: setsid in the child before exec; async-signal-safe.
     unsafe {
         c.pre_exec(|| {
@@ -35,7 +37,9 @@ fn sh(script: &str) -> (Proc, String) {
     }
     let mut child = c.spawn().unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     (Proc(child), line.trim().to_string())
 }
 
@@ -67,20 +71,54 @@ fn child_running(parent: i32, comm: &str) -> i32 {
 fn both_modes(root: i32, expect: &str, outside: i32) {
     let maps_before = std::fs::read_to_string(format!("/proc/{root}/maps")).unwrap();
     let dir = tempdir("leak");
-    let out = pdump(&["dump", "-t", &root.to_string(), "-D", dir.to_str().unwrap(), "-R", "--container"]);
-    assert!(!out.status.success(), "container mode accepted a leaking tree");
+    let out = pdump(&[
+        "dump",
+        "-t",
+        &root.to_string(),
+        "-D",
+        dir.to_str().unwrap(),
+        "-R",
+        "--container",
+    ]);
+    assert!(
+        !out.status.success(),
+        "container mode accepted a leaking tree"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(expect), "container refusal does not name {expect:?}: {err}");
-    assert!(err.contains(&outside.to_string()), "refusal does not name outside pid {outside}: {err}");
-    assert!(!dir.join("inventory.img").exists(), "a refused dump left an inventory");
-    assert_eq!(std::fs::read_to_string(format!("/proc/{root}/maps")).unwrap(), maps_before);
+    assert!(
+        err.contains(expect),
+        "container refusal does not name {expect:?}: {err}"
+    );
+    assert!(
+        err.contains(&outside.to_string()),
+        "refusal does not name outside pid {outside}: {err}"
+    );
+    assert!(
+        !dir.join("inventory.img").exists(),
+        "a refused dump left an inventory"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{root}/maps")).unwrap(),
+        maps_before
+    );
     let st = std::fs::read_to_string(format!("/proc/{root}/status")).unwrap();
     assert!(st.contains("TracerPid:\t0"), "refused tree still traced");
 
-    let out = pdump(&["dump", "-t", &root.to_string(), "-D", dir.to_str().unwrap(), "-R", "--subtree"]);
+    let out = pdump(&[
+        "dump",
+        "-t",
+        &root.to_string(),
+        "-D",
+        dir.to_str().unwrap(),
+        "-R",
+        "--subtree",
+    ]);
     assert_ok(&out, "sub-tree dump");
     let summary = String::from_utf8_lossy(&out.stdout);
-    assert!(summary.contains(expect), "summary does not report {expect:?}: {summary}");
+    assert!(
+        summary.contains(expect),
+        "summary does not report {expect:?}: {summary}"
+    );
     let show = pdump(&["show", dir.to_str().unwrap()]);
     assert_ok(&show, "show");
     assert!(String::from_utf8_lossy(&show.stdout).contains(expect));
@@ -91,8 +129,16 @@ fn both_modes(root: i32, expect: &str, outside: i32) {
         .iter()
         .find(|l| l["resource"].as_str().unwrap().contains(expect))
         .unwrap_or_else(|| panic!("json lacks leak {expect:?}: {leaks:?}"));
-    assert!(l["outside"].as_array().unwrap().iter().any(|p| p.as_i64() == Some(outside as i64)));
-    assert!(l["inside"].as_array().unwrap().iter().any(|p| p.as_i64() == Some(root as i64)));
+    assert!(l["outside"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p.as_i64() == Some(outside as i64)));
+    assert!(l["inside"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p.as_i64() == Some(root as i64)));
 }
 
 #[test]
@@ -111,7 +157,9 @@ fn leak_net_namespace_joined_from_outside() {
     // The tree lives in its own netns; an outside process joins it.
     let (t, _) = sh("unshare --net sleep 1000 & echo ready; wait");
     let root = child_running(t.0.id() as i32, "sleep");
-    let (o, _) = sh(&format!("nsenter --net=/proc/{root}/ns/net sleep 1000 & echo ready; wait"));
+    let (o, _) = sh(&format!(
+        "nsenter --net=/proc/{root}/ns/net sleep 1000 & echo ready; wait"
+    ));
     let outside = child_running(o.0.id() as i32, "sleep");
     both_modes(root, "net namespace", outside);
 }
@@ -121,7 +169,22 @@ fn leak_ipc_namespace_joined_from_outside() {
     root_or_skip!();
     let (t, _) = sh("unshare --ipc sleep 1000 & echo ready; wait");
     let root = child_running(t.0.id() as i32, "sleep");
-    let (o, _) = sh(&format!("nsenter --ipc=/proc/{root}/ns/ipc sleep 1000 & echo ready; wait"));
+    let (o, _) = sh(&format!(
+        "nsenter --ipc=/proc/{root}/ns/ipc sleep 1000 & echo ready; wait"
+    ));
     let outside = child_running(o.0.id() as i32, "sleep");
     both_modes(root, "ipc namespace", outside);
+}
+
+#[test]
+fn leak_mm_shared_by_clone_vm_with_a_process_outside_the_tree() {
+    root_or_skip!();
+    let mut v = crate::util::Victim::spawn("clonevm", &[]);
+    let child: i32 = v.ready[0].parse().unwrap();
+    // The tree is the CLONE_VM child alone; its parent (outside) shares its mm.
+    both_modes(child, "mm (address space)", v.pid);
+    // Both still run: the parent checks the child kept counting.
+    v.signal(libc::SIGTERM);
+    let last = v.expect_exit_ok();
+    assert!(last.starts_with("OK count="), "{last}");
 }

@@ -6,4 +6,5 @@ mod fault;
 mod golden;
 mod infect;
 mod leaks;
+mod tree;
 pub mod util;

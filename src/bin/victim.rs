@@ -4141,11 +4141,75 @@ fn mode_tree_preset(name: Option<&String>) -> ! {
 
 // ---------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------
+// clonevm
+// ---------------------------------------------------------------------------
+
+/// Counter bumped by the CLONE_VM child, read by the parent (same memory).
+static CLONEVM_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn clonevm_child(_arg: *mut libc::c_void) -> c_int {
+    loop {
+        CLONEVM_COUNTER.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: a plain 1 ms sleep with a local timespec.
+        unsafe {
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 1_000_000,
+            };
+            libc::nanosleep(&ts, null_mut());
+        }
+    }
+}
+
+/// `clonevm`: a child created with CLONE_VM but not CLONE_THREAD (its own
+/// process sharing this address space: an "mm" leak when only one of the
+/// two is dumped). Prints `READY <pid> <child pid>`; on SIGTERM the parent
+/// checks the child kept counting, kills it and prints `OK count=<n>`.
+fn mode_clonevm() -> Result<String, String> {
+    let common = common_init(0);
+    const STACK: usize = 256 * 1024;
+    let stack = vec![0u8; STACK];
+    // SAFETY: the child runs `clonevm_child` on `stack`, which lives until the
+    // child is killed and reaped below; CLONE_VM shares only memory.
+    let child = unsafe {
+        let top = (stack.as_ptr() as usize + STACK) & !15;
+        libc::clone(
+            clonevm_child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::SIGCHLD,
+            null_mut(),
+        )
+    };
+    if child < 0 {
+        return Err(format!(
+            "clone(CLONE_VM) failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    emit(&format!("READY {} {}", getpid(), child));
+    wait_for_term();
+    let a = CLONEVM_COUNTER.load(Ordering::SeqCst);
+    nap(50);
+    let b = CLONEVM_COUNTER.load(Ordering::SeqCst);
+    // SAFETY: kill and reap our own child.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, null_mut(), 0);
+    }
+    drop(stack);
+    common.verify()?;
+    if b <= a {
+        return Err(format!("the CLONE_VM child stopped counting ({a} -> {b})"));
+    }
+    Ok(format!("OK count={b}"))
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: pdump-victim MODE [ARGS]\n\
          modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers\n       \
-         | tree SPEC | tree-preset NAME"
+         | tree SPEC | tree-preset NAME | clonevm"
     );
     std::process::exit(2)
 }
@@ -4168,6 +4232,7 @@ fn main() {
         "timers" => mode_timers(),
         "tree" => mode_tree(&args[2..].join(" ")),
         "tree-preset" => mode_tree_preset(args.get(2)),
+        "clonevm" => mode_clonevm(),
         _ => usage(),
     };
     match res {
