@@ -56,7 +56,10 @@ fn child_running(parent: i32, comm: &str) -> i32 {
     for _ in 0..5000 {
         if let Some(&c) = children(parent).first() {
             let name = std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
-            if name.trim() == comm {
+            // Settled: blocked in its sleep (clock_nanosleep / nanosleep), not still starting up.
+            let sys = std::fs::read_to_string(format!("/proc/{c}/syscall")).unwrap_or_default();
+            let nr = sys.split_whitespace().next().unwrap_or("");
+            if name.trim() == comm && (nr == "230" || nr == "35") {
                 return c;
             }
         }
