@@ -498,7 +498,29 @@ impl<'a> Parasite<'a> {
         if let Some(g) = self.guard.take() {
             g.release();
         }
-        Ok(())
+        // Wait until the blob is past the guard: holding it again (FINI)
+        // before the blob saw it released would leave both waiting.
+        loop {
+            let st = self.ctl().state.load(Acquire);
+            if st == state::SERVING {
+                return Ok(());
+            }
+            if st == state::SELF_CURE {
+                return Err(InfectError::Crashed {
+                    pid: self.pid,
+                    what: "blob cured itself during the handshake".into(),
+                });
+            }
+            self.check_alive()?;
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(InfectError::Timeout {
+                    pid: self.pid,
+                    cmd: u32::MAX,
+                    secs: 10,
+                });
+            }
+            Self::futex_wait(&self.ctl().state, st, 20);
+        }
     }
 
     fn hold_guard(&mut self) {

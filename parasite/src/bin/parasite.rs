@@ -294,6 +294,7 @@ pub extern "C" fn blob_main(ctl: *mut Control) -> ! {
     let w = ctl.cmd_wfd.swap(-1, SeqCst);
     sys(nr::CLOSE, &[w as u64]);
     ctl.state.store(state::SERVING, Release);
+    wake(&ctl.state);
 
     loop {
         let mut b = 0u8;
