@@ -290,3 +290,17 @@ fn check_lists_kernel_features() {
     assert_eq!(get("PTRACE_SEIZE")["present"], true);
     assert_eq!(get("pidfd_getfd")["present"], true);
 }
+
+/// Infect and cure back to back, nothing in between: the blob must be past
+/// its handshake before the dumper takes the guard again for FINI.
+#[test]
+fn infect_then_cure_immediately() {
+    root_or_skip!();
+    let v = Victim::spawn("loop", &[]);
+    for _ in 0..300 {
+        let seized = Seized::seize(v.pid).unwrap();
+        Parasite::infect(&seized).unwrap().cure().unwrap();
+        seized.detach().unwrap();
+    }
+    v.finish();
+}
