@@ -532,23 +532,7 @@ impl<'a> Parasite<'a> {
 
     /// Send a command and wait for its result.
     pub fn command(&mut self, command: u32, args: &[u64]) -> Result<i64> {
-        crate::fault::point();
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        {
-            let ctl = self.ctl();
-            for (i, a) in ctl.args.iter().enumerate() {
-                a.store(args.get(i).copied().unwrap_or(0), SeqCst);
-            }
-            ctl.cmd.store(command, SeqCst);
-            ctl.cmd_seq.store(seq, Release);
-        }
-        let pid = self.pid;
-        self.cmd_w
-            .as_mut()
-            .expect("handshake done")
-            .write_all(&[1])
-            .map_err(|source| InfectError::Doorbell { pid, source })?;
+        let seq = self.post(command, args)?;
         self.wait_done(seq, command)
     }
 
@@ -566,10 +550,14 @@ impl<'a> Parasite<'a> {
             ctl.cmd_seq.store(seq, Release);
         }
         let pid = self.pid;
-        self.cmd_w
-            .as_mut()
-            .expect("handshake done")
-            .write_all(&[1])
+        let pipe = self.cmd_w.as_mut().ok_or_else(|| InfectError::Doorbell {
+            pid,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the blob is not serving commands",
+            ),
+        })?;
+        pipe.write_all(&[1])
             .map_err(|source| InfectError::Doorbell { pid, source })?;
         Ok(seq)
     }

@@ -78,17 +78,7 @@ fn dump_sleeping_victim_keeps_sleep_semantics() {
         dump_r(v.pid, &dir);
         std::fs::remove_dir_all(&dir).unwrap();
     }
-    let l = v.line();
-    let ms: u64 = l
-        .strip_prefix("SLEPT ")
-        .unwrap_or_else(|| panic!("victim said {l:?}"))
-        .parse()
-        .unwrap();
-    assert!(
-        (1990..2600).contains(&ms),
-        "2 s nanosleep took {ms} ms across 50 dumps"
-    );
-    v.expect_exit_ok();
+    v.expect_slept_2s("across 50 dumps");
 }
 
 #[test]

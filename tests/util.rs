@@ -109,6 +109,22 @@ impl Victim {
         l.trim_end().to_string()
     }
 
+    /// Read the `sleep 2000` victim's `SLEPT <ms>` line and assert the 2 s
+    /// sleep lasted about 2 s in total despite `what` (restart semantics).
+    pub fn expect_slept_2s(&mut self, what: &str) {
+        let l = self.line();
+        let ms: u64 = l
+            .strip_prefix("SLEPT ")
+            .unwrap_or_else(|| panic!("victim said {l:?}"))
+            .parse()
+            .unwrap();
+        assert!(
+            (1990..2600).contains(&ms),
+            "2 s nanosleep took {ms} ms {what}"
+        );
+        self.expect_exit_ok();
+    }
+
     /// Write to the victim's stdin.
     pub fn write(&mut self, data: &[u8]) {
         let s = self.stdin.as_mut().unwrap();
