@@ -539,7 +539,8 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary>
         }
         images.push(d.img);
     }
-    let files = crate::fdshare::share_files(&mut images).map_err(|source| DumpError::Share { source })?;
+    let files =
+        crate::fdshare::share_files(&mut images).map_err(|source| DumpError::Share { source })?;
 
     // Everything is gathered: release the tree (it runs again, or dies).
     pool.release(!opts.leave_running)?;
