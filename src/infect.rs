@@ -459,17 +459,18 @@ impl<'a> Parasite<'a> {
         }
     }
 
-    fn handshake(&mut self) -> Result<()> {
-        let start = Instant::now();
+    /// Wait (futex on the state word, checking the blob's thread) until the
+    /// blob reaches handshake state `want`.
+    fn wait_state(&self, want: u32, start: Instant, what: &str) -> Result<()> {
         loop {
             let st = self.ctl().state.load(Acquire);
-            if st == state::READY {
-                break;
+            if st == want {
+                return Ok(());
             }
             if st == state::SELF_CURE {
                 return Err(InfectError::Crashed {
                     pid: self.pid,
-                    what: "blob could not create its pipe".into(),
+                    what: what.into(),
                 });
             }
             self.check_alive()?;
@@ -482,6 +483,11 @@ impl<'a> Parasite<'a> {
             }
             Self::futex_wait(&self.ctl().state, st, 20);
         }
+    }
+
+    fn handshake(&mut self) -> Result<()> {
+        let start = Instant::now();
+        self.wait_state(state::READY, start, "blob could not create its pipe")?;
         let wfd = self.ctl().cmd_wfd.load(SeqCst);
         let pidfd = pidfd_open(self.pid).map_err(|source| InfectError::GetFd {
             pid: self.pid,
@@ -500,27 +506,11 @@ impl<'a> Parasite<'a> {
         }
         // Wait until the blob is past the guard: holding it again (FINI)
         // before the blob saw it released would leave both waiting.
-        loop {
-            let st = self.ctl().state.load(Acquire);
-            if st == state::SERVING {
-                return Ok(());
-            }
-            if st == state::SELF_CURE {
-                return Err(InfectError::Crashed {
-                    pid: self.pid,
-                    what: "blob cured itself during the handshake".into(),
-                });
-            }
-            self.check_alive()?;
-            if start.elapsed() > Duration::from_secs(10) {
-                return Err(InfectError::Timeout {
-                    pid: self.pid,
-                    cmd: u32::MAX,
-                    secs: 10,
-                });
-            }
-            Self::futex_wait(&self.ctl().state, st, 20);
-        }
+        self.wait_state(
+            state::SERVING,
+            start,
+            "blob cured itself during the handshake",
+        )
     }
 
     fn hold_guard(&mut self) {
