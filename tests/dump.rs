@@ -418,3 +418,37 @@ fn show_reports_corrupt_and_truncated_images_with_file_and_offset() {
     let err = show("truncated pages");
     assert!(err.contains(pages.to_str().unwrap()), "{err}");
 }
+
+/// Present pages of a PROT_NONE mapping cannot be vmspliced: pdump copies
+/// them through /proc/PID/mem; their content must match page by page.
+#[test]
+fn unreadable_mapping_pages_are_dumped() {
+    root_or_skip!();
+    let v = Victim::spawn("protnone", &[]);
+    let base = u64::from_str_radix(v.ready[0].trim_start_matches("0x"), 16).unwrap();
+    let dir = tempdir("protnone");
+    dump_r(v.pid, &dir);
+    let out = pdump(&["show", dir.to_str().unwrap(), "--json", "--pages"]);
+    assert_ok(&out, "show --json --pages");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for vma in j["processes"][0]["vmas"].as_array().unwrap() {
+        for p in vma["page_list"].as_array().into_iter().flatten() {
+            seen.insert(
+                p["addr"].as_u64().unwrap(),
+                p["crc32c"].as_u64().unwrap() as u32,
+            );
+        }
+    }
+    for i in 0..8u64 {
+        let mut page = Vec::with_capacity(4096);
+        for w in 0..512u64 {
+            page.extend_from_slice(&splitmix64(7 ^ (i * 512 + w)).to_le_bytes());
+        }
+        let crc = seen
+            .get(&(base + i * 4096))
+            .unwrap_or_else(|| panic!("page {i} not dumped"));
+        assert_eq!(*crc, crc32c::crc32c(&page), "page {i} content");
+    }
+    v.finish();
+}

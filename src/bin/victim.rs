@@ -4142,6 +4142,66 @@ fn mode_tree_preset(name: Option<&String>) -> ! {
 // ---------------------------------------------------------------------------
 
 // ---------------------------------------------------------------------------
+// protnone
+// ---------------------------------------------------------------------------
+
+/// `protnone`: 8 pages of `pattern_word(7, i, j)`, of which pages 2..6 are
+/// then made PROT_NONE (present but unreadable: a dumper cannot vmsplice
+/// them). Prints `READY <pid> <base_hex>`; on SIGTERM makes them readable
+/// again and checks every word: `OK pages=8`.
+fn mode_protnone() -> Result<String, String> {
+    let common = common_init(0);
+    const PAGES: usize = 8;
+    // SAFETY: a fresh private anonymous mapping we own.
+    let base = unsafe {
+        libc::mmap(
+            null_mut(),
+            PAGES * 4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err("mmap failed".into());
+    }
+    let words = base as *mut u64;
+    for i in 0..PAGES {
+        for j in 0..512 {
+            // SAFETY: inside the mapping just created.
+            unsafe { write_volatile(words.add(i * 512 + j), pattern_word(7, i as u64, j as u64)) };
+        }
+    }
+    // SAFETY: pages 2..6 of our own mapping.
+    if unsafe {
+        libc::mprotect(
+            (base as usize + 2 * 4096) as *mut c_void,
+            4 * 4096,
+            libc::PROT_NONE,
+        )
+    } != 0
+    {
+        return Err("mprotect failed".into());
+    }
+    emit(&format!("READY {} {:#x}", getpid(), base as usize));
+    wait_for_term();
+    // SAFETY: as above.
+    unsafe { libc::mprotect(base, PAGES * 4096, libc::PROT_READ | libc::PROT_WRITE) };
+    for i in 0..PAGES {
+        for j in 0..512 {
+            // SAFETY: inside the (now readable) mapping.
+            let w = unsafe { read_volatile(words.add(i * 512 + j)) };
+            if w != pattern_word(7, i as u64, j as u64) {
+                return Err(format!("page {i} word {j} changed"));
+            }
+        }
+    }
+    common.verify()?;
+    Ok(format!("OK pages={PAGES}"))
+}
+
+// ---------------------------------------------------------------------------
 // clonevm
 // ---------------------------------------------------------------------------
 
@@ -4209,7 +4269,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: pdump-victim MODE [ARGS]\n\
          modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers\n       \
-         | tree SPEC | tree-preset NAME | clonevm"
+         | tree SPEC | tree-preset NAME | clonevm | protnone"
     );
     std::process::exit(2)
 }
@@ -4233,6 +4293,7 @@ fn main() {
         "tree" => mode_tree(&args[2..].join(" ")),
         "tree-preset" => mode_tree_preset(args.get(2)),
         "clonevm" => mode_clonevm(),
+        "protnone" => mode_protnone(),
         _ => usage(),
     };
     match res {
