@@ -527,3 +527,57 @@ fn child_subreaper_is_recorded() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// One member holds an fd pdump cannot dump (an inet socket): the whole dump
+/// fails naming it, no inventory is left, and every member of the tree is
+/// released exactly as it was (not traced, same maps, same fds, self-checks OK).
+#[test]
+fn failed_tree_dump_releases_every_member_untouched() {
+    root_or_skip!();
+    let script = "$V loop & $V threads 2 & python3 -c \"import socket,time,os; s=socket.socket(); \
+                  print('READY', os.getpid(), s.fileno(), flush=True); time.sleep(1000)\" & wait";
+    let tree = build(script, 3, 4, 0);
+    let before = proc_tree(tree.root);
+    let snap = |p: i32| {
+        let maps = std::fs::read_to_string(format!("/proc/{p}/maps")).unwrap_or_default();
+        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{p}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        fds.sort();
+        (maps, fds)
+    };
+    let state0: BTreeMap<i32, _> = before.keys().map(|&p| (p, snap(p))).collect();
+    let dir = tempdir("failed-tree");
+    let out = pdump(&[
+        "dump",
+        "-t",
+        &tree.root.to_string(),
+        "-D",
+        dir.to_str().unwrap(),
+        "-R",
+        "--subtree",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a tree with an inet socket was dumped"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("inet"), "the error names the socket: {err}");
+    assert!(
+        !dir.join("inventory.img").exists(),
+        "a failed dump left an inventory"
+    );
+    for (&p, s0) in &state0 {
+        let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
+        assert!(
+            st.contains("TracerPid:\t0"),
+            "pid {p} still traced after a failed dump"
+        );
+        assert_eq!(&snap(p), s0, "pid {p} changed by a failed dump");
+    }
+    finish(tree, 2);
+}
