@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::root_or_skip;
-use crate::util::{assert_ok, pdump, tempdir};
+use crate::util::{assert_ok, dump_subtree, pdump, tempdir};
 
 struct Proc(Child);
 
@@ -107,15 +107,7 @@ fn both_modes(root: i32, expect: &str, outside: i32) {
     let st = std::fs::read_to_string(format!("/proc/{root}/status")).unwrap();
     assert!(st.contains("TracerPid:\t0"), "refused tree still traced");
 
-    let out = pdump(&[
-        "dump",
-        "-t",
-        &root.to_string(),
-        "-D",
-        dir.to_str().unwrap(),
-        "-R",
-        "--subtree",
-    ]);
+    let out = dump_subtree(root, &dir);
     assert_ok(&out, "sub-tree dump");
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -154,29 +146,28 @@ fn leak_file_shared_with_a_process_outside_the_tree() {
     both_modes(root, "/etc/passwd", outside);
 }
 
+/// The tree lives in its own `kind` namespace (unshare); an outside process
+/// joins it (nsenter): that namespace is a leak.
+fn namespace_joined_from_outside(kind: &str) {
+    let (t, _) = sh(&format!("unshare --{kind} sleep 1000 & echo ready; wait"));
+    let root = child_running(t.0.id() as i32, "sleep");
+    let (o, _) = sh(&format!(
+        "nsenter --{kind}=/proc/{root}/ns/{kind} sleep 1000 & echo ready; wait"
+    ));
+    let outside = child_running(o.0.id() as i32, "sleep");
+    both_modes(root, &format!("{kind} namespace"), outside);
+}
+
 #[test]
 fn leak_net_namespace_joined_from_outside() {
     root_or_skip!();
-    // The tree lives in its own netns; an outside process joins it.
-    let (t, _) = sh("unshare --net sleep 1000 & echo ready; wait");
-    let root = child_running(t.0.id() as i32, "sleep");
-    let (o, _) = sh(&format!(
-        "nsenter --net=/proc/{root}/ns/net sleep 1000 & echo ready; wait"
-    ));
-    let outside = child_running(o.0.id() as i32, "sleep");
-    both_modes(root, "net namespace", outside);
+    namespace_joined_from_outside("net");
 }
 
 #[test]
 fn leak_ipc_namespace_joined_from_outside() {
     root_or_skip!();
-    let (t, _) = sh("unshare --ipc sleep 1000 & echo ready; wait");
-    let root = child_running(t.0.id() as i32, "sleep");
-    let (o, _) = sh(&format!(
-        "nsenter --ipc=/proc/{root}/ns/ipc sleep 1000 & echo ready; wait"
-    ));
-    let outside = child_running(o.0.id() as i32, "sleep");
-    both_modes(root, "ipc namespace", outside);
+    namespace_joined_from_outside("ipc");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use pdump::image::model::TaskState;
 use pdump::image::Checkpoint;
 
 use crate::root_or_skip;
-use crate::util::{assert_ok, pdump, tempdir};
+use crate::util::{assert_ok, dump_subtree, tempdir};
 
 /// What /proc says of one task.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,15 +160,7 @@ fn dump_and_compare(tree: &Tree, name: &str) -> Checkpoint {
     let before = proc_tree(tree.root);
     let root_level = before[&tree.root].nspid.len() - 1;
     let dir = tempdir(name);
-    let out = pdump(&[
-        "dump",
-        "-t",
-        &tree.root.to_string(),
-        "-D",
-        dir.to_str().unwrap(),
-        "-R",
-        "--subtree",
-    ]);
+    let out = dump_subtree(tree.root, &dir);
     assert_ok(&out, "pdump dump of a tree");
     let cp = Checkpoint::open(&dir).unwrap();
     cp.verify_pages().unwrap();
@@ -507,15 +499,7 @@ fn child_subreaper_is_recorded() {
         .map(|x| x.parse().unwrap())
         .collect();
     let dir = tempdir("subreaper");
-    let o = pdump(&[
-        "dump",
-        "-t",
-        &w[0].to_string(),
-        "-D",
-        dir.to_str().unwrap(),
-        "-R",
-        "--subtree",
-    ]);
+    let o = dump_subtree(w[0], &dir);
     assert_ok(&o, "dump");
     let cp = Checkpoint::open(&dir).unwrap();
     let root = cp.inventory.tree.iter().find(|t| t.pid == w[0]).unwrap();
@@ -552,15 +536,7 @@ fn failed_tree_dump_releases_every_member_untouched() {
     };
     let state0: BTreeMap<i32, _> = before.keys().map(|&p| (p, snap(p))).collect();
     let dir = tempdir("failed-tree");
-    let out = pdump(&[
-        "dump",
-        "-t",
-        &tree.root.to_string(),
-        "-D",
-        dir.to_str().unwrap(),
-        "-R",
-        "--subtree",
-    ]);
+    let out = dump_subtree(tree.root, &dir);
     assert!(
         !out.status.success(),
         "a tree with an inet socket was dumped"

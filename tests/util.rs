@@ -43,6 +43,20 @@ pub fn pdump(args: &[&str]) -> Output {
         .expect("running pdump")
 }
 
+/// `pdump dump -t PID -D DIR -R --subtree`: dump a tree, leave it running,
+/// report (not refuse) what it shares with the outside.
+pub fn dump_subtree(pid: i32, dir: &Path) -> Output {
+    pdump(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        dir.to_str().unwrap(),
+        "-R",
+        "--subtree",
+    ])
+}
+
 /// A fresh temporary directory for one test.
 pub fn tempdir(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
