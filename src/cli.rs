@@ -168,3 +168,55 @@ pub fn demo(dir: Option<PathBuf>) -> CliResult {
         "workload continued past the dump ({last}); restore is not implemented yet\n"
     ))
 }
+
+/// `pdump restore` arguments.
+pub struct RestoreArgs {
+    pub dir: PathBuf,
+    pub pidfile: Option<PathBuf>,
+    pub shell_job: bool,
+    pub wait: bool,
+    pub inherit_fd: Vec<String>,
+    pub allow_size_change: bool,
+    pub no_verify: bool,
+}
+
+/// Parse `FD:KEY` (`3:pipe:[1234]`).
+fn parse_inherit(s: &str) -> Result<(String, i32), Box<dyn std::error::Error>> {
+    let (fd, key) = s
+        .split_once(':')
+        .ok_or_else(|| format!("--inherit-fd {s:?}: expected FD:KEY, e.g. 3:pipe:[1234]"))?;
+    let fd: i32 = fd
+        .parse()
+        .map_err(|_| format!("--inherit-fd {s:?}: {fd:?} is not an fd number"))?;
+    Ok((key.to_string(), fd))
+}
+
+/// `pdump restore`.
+pub fn restore(a: RestoreArgs) -> CliResult {
+    let inherit = a
+        .inherit_fd
+        .iter()
+        .map(|s| parse_inherit(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = pdump::restore::RestoreOptions {
+        dir: a.dir,
+        shell_job: a.shell_job,
+        inherit,
+        allow_size_change: a.allow_size_change,
+        no_verify: a.no_verify,
+    };
+    let r = pdump::restore::restore(&opts)?;
+    if let Some(p) = &a.pidfile {
+        std::fs::write(p, format!("{}\n", r.root_pid))?;
+    }
+    if !a.wait {
+        return print(&format!("{}\n", r.root_pid));
+    }
+    let st = pdump::restore::wait_root(r.root_pid)?;
+    let code = if libc::WIFEXITED(st) {
+        libc::WEXITSTATUS(st)
+    } else {
+        128 + libc::WTERMSIG(st)
+    };
+    std::process::exit(code)
+}

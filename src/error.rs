@@ -34,6 +34,9 @@ pub enum Error {
     /// Leak detection failed, or found leaks in container mode.
     #[error(transparent)]
     Leak(#[from] crate::leaks::LeakError),
+    /// A restore failed.
+    #[error(transparent)]
+    Restore(#[from] crate::restore::RestoreError),
     /// I/O on a path.
     #[error("{op} {path}")]
     Io {

@@ -175,7 +175,7 @@ impl std::fmt::Debug for Parasite<'_> {
 /// kernel's exit path sets FUTEX_OWNER_DIED in the word and wakes the blob,
 /// which then cures the task on its own. No pid is involved, so it works for
 /// tasks in any pid namespace.
-mod guard {
+pub(crate) mod guard {
     use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 
     /// `struct robust_list_head`.

@@ -61,6 +61,7 @@ pub mod leaks;
 pub mod procfs;
 pub mod ptrace;
 pub mod remote;
+pub mod restore;
 pub mod tree;
 
 pub use error::{Error, Result};

@@ -43,6 +43,32 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         workers: usize,
     },
+    /// Restore a dumped tree with the same pids; prints the root's pid.
+    Restore {
+        /// The image directory.
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Write the root's pid into this file.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// Attach to the current terminal: keep this session and process
+        /// group, and give the root this process's stdin/stdout/stderr where
+        /// its own led outside the tree.
+        #[arg(long)]
+        shell_job: bool,
+        /// Wait for the root to exit and exit with its status.
+        #[arg(long)]
+        wait: bool,
+        /// Map an external object to an fd of pdump, CRIU style: `FD:pipe:[INODE]`.
+        #[arg(long = "inherit-fd", value_name = "FD:KEY")]
+        inherit_fd: Vec<String>,
+        /// Restore even if a regular file's size changed since the dump.
+        #[arg(long)]
+        allow_file_size_change: bool,
+        /// Skip checking every page's checksum before creating anything.
+        #[arg(long)]
+        no_verify: bool,
+    },
     /// Show what an image directory holds.
     Show {
         /// The image directory.
@@ -104,6 +130,26 @@ fn main() -> ExitCode {
             };
             cli::dump(pid, dir, opts)
         }
+        (
+            None,
+            Some(Cmd::Restore {
+                dir,
+                pidfile,
+                shell_job,
+                wait,
+                inherit_fd,
+                allow_file_size_change,
+                no_verify,
+            }),
+        ) => cli::restore(cli::RestoreArgs {
+            dir,
+            pidfile,
+            shell_job,
+            wait,
+            inherit_fd,
+            allow_size_change: allow_file_size_change,
+            no_verify,
+        }),
         (None, Some(Cmd::Show { dir, json, pages })) => cli::show(&dir, json, pages),
         (None, Some(Cmd::Check { json })) => cli::check(json),
         (None, Some(Cmd::Demo { dir })) => cli::demo(dir),

@@ -102,6 +102,9 @@ pub trait Arch {
     fn set_sp(regs: &mut Self::Regs, sp: u64);
     /// Thread pointer (TLS base: fs_base on x86_64, tpidr_el0 on aarch64).
     fn tls(regs: &Self::Regs) -> u64;
+    /// Every TLS register the kernel keeps outside the signal frame, as the
+    /// blob's `set_tls` takes them (x86_64: fs_base, gs_base).
+    fn tls_words(regs: &Self::Regs) -> [u64; 2];
     /// Load a syscall and its arguments into the registers.
     fn set_syscall(regs: &mut Self::Regs, call: &SyscallArgs);
     /// The syscall return value after the syscall ran.

@@ -26,6 +26,8 @@
 
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 
+pub mod restore;
+
 /// "PDPARAS1"
 pub const CTL_MAGIC: u64 = 0x3153_4152_4150_4450;
 /// Protocol version; the host refuses a blob of another version.

@@ -28,7 +28,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use format::{FileKind, Header, HEADER_SIZE, PAGES_DATA_OFFSET};
+pub use format::PAGES_DATA_OFFSET;
+use format::{FileKind, Header, HEADER_SIZE};
 use model::{Inventory, PageRun, ProcessImage};
 
 /// Page size the image format is laid out for (run lengths, alignment).

@@ -27,6 +27,13 @@ pub fn maps(pid: i32) -> Result<Vec<model::Vma>> {
     parse_maps(pid, &path, &read_text(pid, &path)?)
 }
 
+/// Reads `/proc/self/maps` (right in any pid namespace, where
+/// `/proc/<getpid()>` may name another process).
+pub fn maps_self() -> Result<Vec<model::Vma>> {
+    let path = Path::new("/proc/self/maps");
+    parse_maps(0, path, &read_text(0, path)?)
+}
+
 /// Splits a trailing `" (deleted)"` off a mapping's or fd's path: the name
 /// the file had, and whether it was unlinked.
 pub fn strip_deleted(path: &str) -> (&str, bool) {

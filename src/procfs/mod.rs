@@ -38,7 +38,7 @@ mod testutil;
 mod unix;
 
 pub use fds::{fds, fds_with, pipe_data, MAX_INLINE_FILE};
-pub use maps::{classify, maps, smaps, strip_deleted};
+pub use maps::{classify, maps, maps_self, smaps, strip_deleted};
 pub use misc::{
     auxv, children, cmdline, comm, coredump_filter, limits, personality, readlink_cwd,
     readlink_exe, readlink_root, threads, timers, RLIMIT_NAMES,
@@ -46,7 +46,7 @@ pub use misc::{
 pub use pagemap::{present_ranges, Pagemap, ScanMethod, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
 pub use pidfd::PidFd;
 pub use stat::{is_kernel_thread, mm_bounds, stat, task_stat, Stat, PF_KTHREAD};
-pub use status::{creds, status, task_status, Status};
+pub use status::{creds, status, status_self, task_status, Status};
 pub use unix::{
     unix_socket, unix_sockets, unix_sockets_in, SockDiagError, UnixError, UnixInfo, RCV_SHUTDOWN,
     SEND_SHUTDOWN, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN,

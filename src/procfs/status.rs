@@ -111,6 +111,12 @@ fn unescape_name(s: &str) -> String {
 }
 
 /// Parses the text of a `status` file.
+/// Reads `/proc/self/status` (right in any pid namespace).
+pub fn status_self() -> Result<Status> {
+    let path = Path::new("/proc/self/status");
+    parse_status(0, path, &read_text(0, path)?)
+}
+
 pub(crate) fn parse_status(pid: i32, path: &Path, text: &str) -> Result<Status> {
     let mut st = Status::default();
     // Fields that must be there: status has had all of these since 2.6.

@@ -48,6 +48,9 @@ impl Arch for Impl {
     fn set_sp(r: &mut UserRegs, sp: u64) {
         r.sp = sp;
     }
+    fn tls_words(_r: &UserRegs) -> [u64; 2] {
+        [0, 0]
+    }
     fn tls(_r: &UserRegs) -> u64 {
         0 // TPIDR_EL0 is its own regset (NT_ARM_TLS)
     }

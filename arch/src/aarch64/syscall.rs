@@ -34,6 +34,22 @@ pub mod nr {
     pub const VMSPLICE: u64 = 75;
     pub const PIPE2: u64 = 59;
     pub const PIDFD_OPEN: u64 = 434;
+    pub const PREAD64: u64 = 67;
+    pub const SETITIMER: u64 = 103;
+    pub const SETGROUPS: u64 = 159;
+    pub const SETRESUID: u64 = 147;
+    pub const SETRESGID: u64 = 149;
+    pub const SETFSUID: u64 = 151;
+    pub const SETFSGID: u64 = 152;
+    pub const CAPSET: u64 = 91;
+    pub const RT_SIGQUEUEINFO: u64 = 138;
+    pub const TIMER_CREATE: u64 = 107;
+    pub const TIMER_SETTIME: u64 = 110;
+    pub const RT_TGSIGQUEUEINFO: u64 = 240;
+    pub const PRLIMIT64: u64 = 261;
+    pub const RSEQ: u64 = 293;
+    pub const CLONE3: u64 = 435;
+    pub const CLOSE_RANGE: u64 = 436;
 }
 
 /// Raw syscall with up to six arguments.
@@ -91,4 +107,59 @@ macro_rules! blob_entry {
             ".popsection",
         );
     };
+}
+
+/// Create a thread with `clone3`; the new thread calls `entry(arg)` on its
+/// own stack and never returns; the caller gets the raw result.
+///
+/// # Safety
+/// `args` must be a valid `clone_args` whose stack is mapped and unused, and
+/// `entry` must never return.
+#[inline(always)]
+pub unsafe fn clone3_thread(args: u64, size: u64, entry: extern "C" fn(u64) -> !, arg: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: the child starts on its own stack with a copy of x21/x22 and
+    // calls `entry(arg)`, never falling through into the parent's code.
+    unsafe {
+        core::arch::asm!(
+            "svc #0",
+            "cbnz x0, 2f",
+            "mov x0, x21",
+            "blr x22",
+            "brk #2",
+            "2:",
+            in("x8") nr::CLONE3,
+            inlateout("x0") args as i64 => ret,
+            in("x1") size,
+            in("x21") arg, in("x22") entry as usize as u64,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// Switch to the stack `sp` and jump to a blob's entry with its argument.
+///
+/// # Safety
+/// `entry` must be a loaded blob's entry, `sp` the top of a stack it may use.
+#[inline(always)]
+pub unsafe fn jump_to_blob(entry: u64, sp: u64, arg: u64) -> ! {
+    // SAFETY: the caller guarantees the blob and its stack.
+    unsafe {
+        core::arch::asm!(
+            "mov sp, {sp}",
+            "br {entry}",
+            sp = in(reg) sp,
+            entry = in(reg) entry,
+            in("x0") arg,
+            options(noreturn),
+        );
+    }
+}
+
+/// Set the calling thread's TLS register (`tpidr_el0`; the second word is unused).
+pub fn set_tls(tls: [u64; 2]) -> i64 {
+    // SAFETY: writing tpidr_el0 changes only this thread's thread pointer.
+    unsafe { core::arch::asm!("msr tpidr_el0, {}", in(reg) tls[0]) };
+    0
 }

@@ -48,6 +48,9 @@ impl Arch for Impl {
     fn tls(r: &UserRegs) -> u64 {
         r.fs_base
     }
+    fn tls_words(r: &UserRegs) -> [u64; 2] {
+        [r.fs_base, r.gs_base]
+    }
     fn set_syscall(r: &mut UserRegs, c: &SyscallArgs) {
         r.rax = c.nr;
         r.rdi = c.args[0];

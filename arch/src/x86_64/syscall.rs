@@ -35,6 +35,22 @@ pub mod nr {
     pub const VMSPLICE: u64 = 278;
     pub const PIPE2: u64 = 293;
     pub const PIDFD_OPEN: u64 = 434;
+    pub const PREAD64: u64 = 17;
+    pub const SETITIMER: u64 = 38;
+    pub const SETGROUPS: u64 = 116;
+    pub const SETRESUID: u64 = 117;
+    pub const SETRESGID: u64 = 119;
+    pub const SETFSUID: u64 = 122;
+    pub const SETFSGID: u64 = 123;
+    pub const CAPSET: u64 = 126;
+    pub const RT_SIGQUEUEINFO: u64 = 129;
+    pub const TIMER_CREATE: u64 = 222;
+    pub const TIMER_SETTIME: u64 = 223;
+    pub const RT_TGSIGQUEUEINFO: u64 = 297;
+    pub const PRLIMIT64: u64 = 302;
+    pub const RSEQ: u64 = 334;
+    pub const CLONE3: u64 = 435;
+    pub const CLOSE_RANGE: u64 = 436;
 }
 
 /// Raw syscall with up to six arguments. Returns the raw result (`-errno` on error).
@@ -79,4 +95,72 @@ pub unsafe fn sigreturn(frame: u64) -> ! {
             options(noreturn),
         );
     }
+}
+
+/// Create a thread with `clone3` (`args` is a `struct clone_args` of `size`
+/// bytes with a stack). The new thread calls `entry(arg)` on that stack and
+/// never returns; the caller gets the raw result (tid or `-errno`).
+///
+/// # Safety
+/// `args` must be a valid `clone_args` whose stack is mapped and unused, and
+/// `entry` must never return.
+#[inline(always)]
+pub unsafe fn clone3_thread(args: u64, size: u64, entry: extern "C" fn(u64) -> !, arg: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: the child starts on its own stack (set in `args`) with a copy of
+    // every register but rax/rsp: it aligns the stack and calls `entry(arg)`
+    // from r12/r13, never falling through into the parent's code.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "and rsp, -16",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") CLONE3_NR as i64 => ret,
+            in("rdi") args, in("rsi") size,
+            in("r12") arg, in("r13") entry as usize as u64,
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+const CLONE3_NR: u64 = nr::CLONE3;
+
+/// Switch to the stack `sp` and jump to a blob's entry with its argument.
+///
+/// # Safety
+/// `entry` must be a loaded blob's entry, `sp` the top of a stack it may use.
+#[inline(always)]
+pub unsafe fn jump_to_blob(entry: u64, sp: u64, arg: u64) -> ! {
+    // SAFETY: the caller guarantees the blob and its stack; nothing of the
+    // current stack is used after the jump.
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, {sp}",
+            "jmp {entry}",
+            sp = in(reg) sp,
+            entry = in(reg) entry,
+            in("rdi") arg,
+            options(noreturn),
+        );
+    }
+}
+
+/// Set the calling thread's TLS registers (`fs_base`, `gs_base`).
+pub fn set_tls(tls: [u64; 2]) -> i64 {
+    const ARCH_SET_GS: u64 = 0x1001;
+    const ARCH_SET_FS: u64 = 0x1002;
+    // SAFETY: arch_prctl with integer arguments changes only this thread's bases.
+    let r = unsafe { syscall6(nr::ARCH_PRCTL, [ARCH_SET_FS, tls[0], 0, 0, 0, 0]) };
+    if r < 0 {
+        return r;
+    }
+    // SAFETY: as above.
+    unsafe { syscall6(nr::ARCH_PRCTL, [ARCH_SET_GS, tls[1], 0, 0, 0, 0]) }
 }
