@@ -638,6 +638,7 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
             rseq: seized.rseq(t.tid).map_err(ptr("reading rseq"))?,
             restart_syscall: Native::interrupted_syscall(&snap.regs),
             stopped: t.was_stopped,
+            clear_tid: 0,
         });
         snapshots.push(snap);
     }
@@ -756,26 +757,47 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     })
 }
 
-/// Query the alternate signal stack of every thread but the blob's own.
+/// Query the `clear_child_tid` address of every thread, and the alternate
+/// signal stack of every thread but the blob's own (MISC has that one).
 fn thread_altstacks(
     seized: &Seized,
     parasite: &mut Parasite<'_>,
     snapshots: &[ThreadSnapshot],
     img: &mut model::ProcessImage,
 ) -> Result<()> {
+    const PR_GET_TID_ADDRESS: u64 = 40;
+    let pid = seized.pid();
+    let rem = |step| move |source| DumpError::Remote { pid, step, source };
+    let inf = |step| move |source| DumpError::Infect { pid, step, source };
+    let prctl = pdump_arch::native::syscall::nr::PRCTL;
+    let word = |p: &mut Parasite<'_>, off: usize| {
+        let d = p.data_mut();
+        u64::from_le_bytes(d[off..off + 8].try_into().expect("8 bytes"))
+    };
+    let addr = parasite.data_addr();
+    if parasite
+        .syscall(prctl, &[PR_GET_TID_ADDRESS, addr + 24])
+        .map_err(inf("prctl(PR_GET_TID_ADDRESS)"))?
+        == 0
+    {
+        img.threads[0].clear_tid = word(parasite, 24);
+    }
     if snapshots.len() < 2 {
         return Ok(());
     }
-    let pid = seized.pid();
-    let rem = |step| move |source| DumpError::Remote { pid, step, source };
     let stub = Stub::install(seized).map_err(rem("installing the syscall stub"))?;
-    let addr = parasite.data_addr();
     for (i, snap) in snapshots.iter().enumerate().skip(1) {
         let mut rt = RemoteThread::begin(seized, &stub, snap).map_err(rem("preparing a thread"))?;
         let r = rt
             .syscall(pdump_arch::native::syscall::nr::SIGALTSTACK, &[0, addr])
             .map_err(rem("sigaltstack in a thread"))?;
+        let t = rt
+            .syscall(prctl, &[PR_GET_TID_ADDRESS, addr + 24])
+            .map_err(rem("prctl(PR_GET_TID_ADDRESS) in a thread"))?;
         rt.end().map_err(rem("parking a thread"))?;
+        if t == 0 {
+            img.threads[i].clear_tid = word(parasite, 24);
+        }
         if r == 0 {
             let d = parasite.data_mut();
             let w = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));

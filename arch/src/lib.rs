@@ -118,6 +118,14 @@ pub trait Arch {
     /// kernel would resume with when it restarts it (no handler runs). Used for
     /// `rt_sigreturn`-based cure, which cannot restart a syscall by itself.
     fn apply_restart(regs: &mut Self::Regs);
+    /// Like [`Arch::apply_restart`], for registers resumed in a NEW task
+    /// (restore), where the kernel's restart block is gone: a syscall that
+    /// would restart through `restart_syscall` is restarted from its own
+    /// arguments instead (a relative sleep with the remaining time the
+    /// kernel wrote back), so it neither fails with EINTR nor sleeps twice.
+    fn restart_in_new_task(regs: &mut Self::Regs) {
+        Self::apply_restart(regs)
+    }
     /// Mark the registers as "not in a syscall" so the kernel's restart logic
     /// leaves injected registers alone.
     fn clear_syscall(regs: &mut Self::Regs);

@@ -417,6 +417,8 @@ pub struct ThreadDesc {
     pub args: u64,
     /// The thread's name (`comm`, NUL-padded).
     pub comm: [u8; 16],
+    /// The `clear_child_tid` address (`set_tid_address`), 0 for none.
+    pub clear_tid: u64,
 }
 
 /// Bytes of the blob's stack for every thread (the leader's included).

@@ -248,6 +248,9 @@ pub struct ThreadState {
     pub restart_syscall: Option<u64>,
     /// Whether the task was in group stop (SIGSTOP) before the dump.
     pub stopped: bool,
+    /// The thread's `clear_child_tid` address (`set_tid_address`), which
+    /// pthread_join waits on; 0 if none.
+    pub clear_tid: u64,
 }
 
 /// `stack_t`.

@@ -348,6 +348,9 @@ fn render_thread(out: &mut String, t: &ThreadState) {
     if t.stopped {
         extra.push_str(" stopped");
     }
+    if t.clear_tid != 0 {
+        let _ = write!(extra, " clear-tid {:#x}", t.clear_tid);
+    }
     if let Some(nr) = t.restart_syscall {
         let _ = write!(extra, " restart-syscall {nr}");
     }

@@ -771,7 +771,7 @@ fn prepare(ctl: &Controller, idx: usize, img: &ProcessImage) -> Result<(u64, u64
             set_tid[k] = *id;
         }
         let mut regs = Native::gpr_from_words(&th.gpr);
-        Native::apply_restart(&mut regs);
+        Native::restart_in_new_task(&mut regs);
         let frame = area.alloc(frame_bytes, 64)?;
         // SAFETY: the frame lies inside the writable area (alloc checked it).
         let buf = unsafe { std::slice::from_raw_parts_mut(frame as *mut u8, frame_bytes as usize) };
@@ -810,6 +810,7 @@ fn prepare(ctl: &Controller, idx: usize, img: &ProcessImage) -> Result<(u64, u64
             rseq_sig,
             pending,
             args: args_addr,
+            clear_tid: th.clear_tid,
             comm: {
                 let mut c = [0u8; 16];
                 let b = th.comm.as_bytes();

@@ -50,6 +50,7 @@ pub mod nr {
     pub const RSEQ: u64 = 293;
     pub const CLONE3: u64 = 435;
     pub const CLOSE_RANGE: u64 = 436;
+    pub const SET_TID_ADDRESS: u64 = 96;
 }
 
 /// Raw syscall with up to six arguments.

@@ -89,6 +89,25 @@ impl Arch for Impl {
         }
         r.orig_rax = u64::MAX;
     }
+    fn restart_in_new_task(r: &mut UserRegs) {
+        if Self::interrupted_syscall(r).is_some() && -(r.rax as i64) == ERESTART_RESTARTBLOCK {
+            const TIMER_ABSTIME: u64 = 1;
+            match r.orig_rax {
+                // nanosleep(req, rem): the kernel wrote the time left to rem.
+                syscall::nr::NANOSLEEP if r.rsi != 0 => r.rdi = r.rsi,
+                // clock_nanosleep(clock, flags, req, rem), relative.
+                syscall::nr::CLOCK_NANOSLEEP if r.rdx & TIMER_ABSTIME == 0 && r.r10 != 0 => {
+                    r.rdx = r.r10
+                }
+                _ => {}
+            }
+            r.rax = r.orig_rax;
+            r.rip -= 2;
+            r.orig_rax = u64::MAX;
+            return;
+        }
+        Self::apply_restart(r)
+    }
     fn clear_syscall(r: &mut UserRegs) {
         r.orig_rax = u64::MAX;
     }

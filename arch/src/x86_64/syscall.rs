@@ -51,6 +51,9 @@ pub mod nr {
     pub const RSEQ: u64 = 334;
     pub const CLONE3: u64 = 435;
     pub const CLOSE_RANGE: u64 = 436;
+    pub const SET_TID_ADDRESS: u64 = 218;
+    pub const NANOSLEEP: u64 = 35;
+    pub const CLOCK_NANOSLEEP: u64 = 230;
 }
 
 /// Raw syscall with up to six arguments. Returns the raw result (`-errno` on error).

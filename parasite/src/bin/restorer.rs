@@ -499,6 +499,9 @@ fn finish_thread(ctx: &Ctx, t: &ThreadDesc) -> ! {
             );
         }
     }
+    if t.clear_tid != 0 {
+        sys(nr::SET_TID_ADDRESS, &[t.clear_tid]);
+    }
     if t.comm[0] != 0 {
         sys(nr::PRCTL, &[PR_SET_NAME, t.comm.as_ptr() as u64]);
     }
