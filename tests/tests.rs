@@ -6,5 +6,6 @@ mod fault;
 mod golden;
 mod infect;
 mod leaks;
+mod restore;
 mod tree;
 pub mod util;

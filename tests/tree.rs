@@ -15,15 +15,15 @@ use crate::util::{assert_ok, dump_subtree, tempdir};
 
 /// What /proc says of one task.
 #[derive(Debug, Clone, PartialEq)]
-struct ProcTask {
-    nspid: Vec<i32>,
-    nstgid: Vec<i32>,
-    nspgid: Vec<i32>,
-    nssid: Vec<i32>,
-    state: char,
-    threads: usize,
+pub(crate) struct ProcTask {
+    pub nspid: Vec<i32>,
+    pub nstgid: Vec<i32>,
+    pub nspgid: Vec<i32>,
+    pub nssid: Vec<i32>,
+    pub state: char,
+    pub threads: usize,
     /// Field 52 of /proc/PID/stat (the wait status of a zombie).
-    exit_code: i32,
+    pub exit_code: i32,
 }
 
 fn field(status: &str, name: &str) -> Vec<i32> {
@@ -77,7 +77,7 @@ fn children(pid: i32) -> Vec<i32> {
 }
 
 /// The tree under `root` as /proc shows it (pid -> task), walked independently of pdump.
-fn proc_tree(root: i32) -> BTreeMap<i32, ProcTask> {
+pub(crate) fn proc_tree(root: i32) -> BTreeMap<i32, ProcTask> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root];
     while let Some(p) = stack.pop() {

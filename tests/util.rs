@@ -79,6 +79,8 @@ pub struct Victim {
     pub ready: Vec<String>,
     pub stdin: Option<ChildStdin>,
     out: BufReader<ChildStdout>,
+    /// `child` is `pdump restore --wait` of this victim, not the victim.
+    restored: bool,
 }
 
 impl Victim {
@@ -113,6 +115,80 @@ impl Victim {
             ready: words[2..].to_vec(),
             stdin,
             out,
+            restored: false,
+        }
+    }
+
+    /// Dump this victim with `pdump dump` (kill mode) into `dir` and reap
+    /// what was its process (or its `pdump restore --wait`).
+    pub fn dump_kill(mut self, dir: &Path) -> i32 {
+        let out = pdump(&[
+            "dump",
+            "-t",
+            &self.pid.to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ]);
+        assert_ok(&out, "pdump dump (kill)");
+        let st = self.child.wait().unwrap();
+        assert!(
+            !st.success(),
+            "the dumped victim should have been killed: {st}"
+        );
+        self.pid
+    }
+
+    /// `pdump restore -D DIR --shell-job --wait`: the restored victim
+    /// (same pid) talks through pdump's stdin/stdout, which the restore
+    /// hands it in place of its old pipes, and pdump exits with its status.
+    pub fn restore(dir: &Path, pid: i32, extra: &[&str]) -> Victim {
+        let mut child = Command::new(pdump_bin())
+            .args([
+                "restore",
+                "-D",
+                dir.to_str().unwrap(),
+                "--shell-job",
+                "--wait",
+            ])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running pdump restore");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let stdin = child.stdin.take();
+        // Wait until the tree runs (or pdump failed).
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("pdump restore exited {st} before the victim ran: {err}");
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let tracer = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("TracerPid:").map(|v| v.trim() == "0"))
+                .unwrap_or(false);
+            if comm.trim() != "pdump" && !comm.is_empty() && tracer {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "restore of {pid} did not finish in 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Victim {
+            child,
+            pid,
+            ready: Vec::new(),
+            stdin,
+            out,
+            restored: true,
         }
     }
 
@@ -208,6 +284,10 @@ impl Victim {
 
 impl Drop for Victim {
     fn drop(&mut self) {
+        if self.restored {
+            // SAFETY: kill the restored victim this test created (same pid).
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -349,6 +349,11 @@ fn check_pids_free(plan: &Plan) -> Result<(), RestoreError> {
         let ids = std::iter::once(t.entry.vpids[0])
             .chain(t.entry.threads.iter().filter_map(|l| l.first().copied()));
         for pid in ids {
+            // A task of a just-killed tree may still be waiting to be reaped.
+            let start = Instant::now();
+            while proc_state(pid) == 'Z' && start.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
             if Path::new(&format!("/proc/{pid}")).exists() {
                 return Err(RestoreError::PidTaken {
                     pid,
@@ -582,11 +587,15 @@ fn run_controller(ctl: &Controller) -> Result<Restored, RestoreError> {
         }
     };
     ctl.slot(0).created.store(root, SeqCst);
+    crate::fault::point();
     wait_counter(ctl, root, n)?;
+    crate::fault::point();
     set_phase(ctl, phase::PGID_LEADERS);
     wait_counter(ctl, root, n)?;
+    crate::fault::point();
     set_phase(ctl, phase::PGID_MEMBERS);
     wait_counter(ctl, root, n)?;
+    crate::fault::point();
     set_phase(ctl, phase::ZOMBIES);
     // Every zombie must be one before the others restore their signal
     // state (which drops the SIGCHLD its exit queued).
@@ -611,8 +620,10 @@ fn run_controller(ctl: &Controller) -> Result<Restored, RestoreError> {
         }
     }
     let live: Vec<usize> = ctl.plan.live().collect();
+    crate::fault::point();
     set_phase(ctl, phase::RESTORE);
     wait_counter(ctl, root, live.len() as u32)?;
+    crate::fault::point();
     finish(ctl, &live)?;
     Ok(Restored {
         root_pid: root,
@@ -713,6 +724,7 @@ fn finish(ctl: &Controller, live: &[usize]) -> Result<(), RestoreError> {
         })?;
         seized.push((i, pid, s));
     }
+    crate::fault::point();
     set_phase(ctl, phase::GO);
     for (_, pid, s) in &seized {
         for t in s.threads() {

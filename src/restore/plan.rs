@@ -198,7 +198,7 @@ impl Plan {
                     None => pgid, // shell job: the caller's group
                 }
             };
-            if pgid == start_pgid {
+            if tasks[i].setsid && pgid == pid {
                 continue;
             }
             if pgid == pid {
@@ -206,7 +206,9 @@ impl Plan {
                 continue;
             }
             // Join the group of its leader (a member of the tree, alive or
-            // zombie), by the id the leader has on this task's level.
+            // zombie), by the id the leader has on this task's level: groups
+            // are made after every task exists, so nothing is inherited. A
+            // group from outside (the caller's, with --shell-job) is.
             let lvl = e.vpids.len() - 1;
             match tree
                 .iter()
@@ -214,6 +216,7 @@ impl Plan {
                 .and_then(|t| t.vpids.get(lvl))
             {
                 Some(&id) => tasks[i].join_pgid = Some(id),
+                None if pgid == start_pgid && !in_tree(pgid) => {}
                 None => return Err(PlanError::Group { pid: e.pid, pgid }),
             }
         }
@@ -258,7 +261,8 @@ mod tests {
         ];
         let p = Plan::new(&tree, &[10, 11, 12], false).unwrap();
         assert!(p.tasks[0].setsid);
-        assert!(!p.tasks[1].setsid && !p.tasks[1].pgid_leader && p.tasks[1].join_pgid.is_none());
+        assert!(!p.tasks[1].setsid && !p.tasks[1].pgid_leader);
+        assert_eq!(p.tasks[1].join_pgid, Some(10));
         assert!(p.tasks[2].pgid_leader);
         assert_eq!(p.tasks[0].children, vec![1, 2]);
     }

@@ -201,7 +201,8 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     }
     done_phase(shared);
     wait_phase(shared, phase::PGID_MEMBERS);
-    if let Some(g) = t.join_pgid {
+    // SAFETY: getpgrp has no arguments.
+    if let Some(g) = t.join_pgid.filter(|&g| g != unsafe { libc::getpgrp() }) {
         // SAFETY: setpgid with integer arguments.
         check(
             step::PGID,

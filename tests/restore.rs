@@ -1,0 +1,468 @@
+//! Restore round trips: dump (kill), restore, and let the victim check its
+//! own state (memory checksums, registers, counters, timers, fds, ids);
+//! trees with sessions, groups, zombies, threads and nested pid namespaces
+//! compared level by level with /proc before the dump; failures that must
+//! leave nothing behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::root_or_skip;
+use crate::tree::{proc_tree, ProcTask};
+use crate::util::{pdump, pdump_bin, tempdir, Victim};
+
+const RESTORED: (&str, &str) = ("PDUMP_VICTIM_RESTORED_ROOT", "1");
+
+/// Spawn `mode`, then dump (kill) and restore it `cycles` times; return the
+/// running restored victim.
+fn cycles(mode: &str, args: &[&str], cycles: usize) -> Victim {
+    let mut v = Victim::spawn_env(mode, args, &[RESTORED]);
+    for c in 0..cycles {
+        let dir = tempdir(&format!("restore-{mode}-{c}"));
+        let pid = v.dump_kill(&dir);
+        v = Victim::restore(&dir, pid, &[]);
+        assert_eq!(v.pid, pid);
+        let st = v.state();
+        assert!(st != 'Z' && st != 'X', "restored {mode} is {st}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    v
+}
+
+fn ok(v: Victim, prefix: &str) {
+    let l = v.finish();
+    assert!(l.starts_with(prefix), "restored victim said {l:?}");
+}
+
+#[test]
+fn loop_victim_twice() {
+    root_or_skip!();
+    let v = cycles("loop", &[], 2);
+    std::thread::sleep(Duration::from_millis(100));
+    ok(v, "OK");
+}
+
+#[test]
+fn threads_victim_twice() {
+    root_or_skip!();
+    ok(cycles("threads", &["8"], 2), "OK threads=8");
+}
+
+#[test]
+fn zmm_registers_twice() {
+    root_or_skip!();
+    ok(cycles("zmm", &[], 2), "OK");
+}
+
+#[test]
+fn pattern_memory_twice() {
+    root_or_skip!();
+    ok(cycles("pattern", &["2000", "11"], 2), "OK pages=2000");
+}
+
+#[test]
+fn protnone_pages_twice() {
+    root_or_skip!();
+    ok(cycles("protnone", &[], 2), "OK");
+}
+
+#[test]
+fn timers_and_signal_handlers_twice() {
+    root_or_skip!();
+    ok(cycles("timers", &[], 2), "OK alrm=");
+}
+
+#[test]
+fn interrupted_sleep_restarts_with_the_time_left() {
+    root_or_skip!();
+    let v = Victim::spawn_env("sleep", &["2000"], &[RESTORED]);
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = tempdir("restore-sleep");
+    let pid = v.dump_kill(&dir);
+    let mut v = Victim::restore(&dir, pid, &[]);
+    v.expect_slept_2s("across a dump and a restore");
+}
+
+#[test]
+fn stopped_task_stays_stopped() {
+    root_or_skip!();
+    let v = Victim::spawn_env("loop", &[], &[RESTORED]);
+    v.signal(libc::SIGSTOP);
+    while v.state() != 'T' {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let dir = tempdir("restore-stopped");
+    let pid = v.dump_kill(&dir);
+    let v = Victim::restore(&dir, pid, &[]);
+    let start = Instant::now();
+    while v.state() != 'T' {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "not stopped after restore"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    v.signal(libc::SIGCONT);
+    ok(v, "OK");
+}
+
+#[test]
+fn same_images_restore_again_after_the_first_copy_exited() {
+    root_or_skip!();
+    let v = Victim::spawn_env("pattern", &["300", "5"], &[RESTORED]);
+    let dir = tempdir("restore-again");
+    let pid = v.dump_kill(&dir);
+    for _ in 0..2 {
+        let v = Victim::restore(&dir, pid, &[]);
+        ok(v, "OK pages=300");
+    }
+}
+
+#[test]
+fn python_interpreter_in_a_loop() {
+    root_or_skip!();
+    if Command::new("python3").arg("-c").arg("1").status().is_err() {
+        panic!("python3 is needed for this test");
+    }
+    // Counts, keeps a checksum of a 4 MiB bytearray it rewrites, and on
+    // SIGTERM checks both and prints OK.
+    let script = r#"
+import os, signal, sys, zlib
+buf = bytearray(4 << 20)
+n = 0
+crc = zlib.crc32(buf)
+def term(*_):
+    ok = zlib.crc32(buf) == crc and n > 0
+    print(("OK" if ok else "FAIL") + " n=%d" % n, flush=True)
+    sys.exit(0 if ok else 1)
+signal.signal(signal.SIGTERM, term)
+print("READY %d" % os.getpid(), flush=True)
+while True:
+    i = (n * 4099) % len(buf)
+    buf[i] = (buf[i] + 1) & 255
+    crc = zlib.crc32(buf)
+    n += 1
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert!(l.starts_with("READY"), "{l}");
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = tempdir("restore-python");
+    let o = pdump(&["dump", "-t", &pid.to_string(), "-D", dir.to_str().unwrap()]);
+    crate::util::assert_ok(&o, "dump python");
+    let _ = child.wait();
+    let v = Victim::restore(&dir, pid, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    ok(v, "OK n=");
+}
+
+/// A self-checking tree: /proc before the dump, dump (kill), restore, the
+/// same ids, states and exit codes on every level, then its own checks.
+fn tree_round_trip(name: &str, cycles: usize) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pdump-victim"))
+        .args(["tree-preset", name])
+        .env(RESTORED.0, RESTORED.1)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    let root: i32 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let before = proc_tree(root);
+    let mut restored: Option<std::process::Child> = None;
+    let mut out: Box<dyn BufRead> = Box::new(out);
+    for c in 0..cycles {
+        let dir = tempdir(&format!("restore-tree-{name}-{c}"));
+        let o = pdump(&["dump", "-t", &root.to_string(), "-D", dir.to_str().unwrap()]);
+        crate::util::assert_ok(&o, "dump the tree");
+        match restored.take() {
+            Some(mut r) => {
+                let _ = r.wait();
+            }
+            None => {
+                let _ = child.wait();
+            }
+        }
+        let mut r = Command::new(pdump_bin())
+            .args([
+                "restore",
+                "-D",
+                dir.to_str().unwrap(),
+                "--shell-job",
+                "--wait",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        out = Box::new(BufReader::new(r.stdout.take().unwrap()));
+        restored = Some(r);
+        wait_like(root, &before);
+        let after = proc_tree(root);
+        compare(&before, &after);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    for (pid, t) in proc_tree(root) {
+        if t.state == 'T' {
+            // SAFETY: a signal to a member of this test's tree.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(root, libc::SIGTERM) };
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    assert!(
+        l.starts_with("OK tree="),
+        "the restored tree's own checks: {l}"
+    );
+    let st = restored.unwrap().wait().unwrap();
+    assert!(st.success(), "restored root exited {st}");
+}
+
+/// Wait until every task of `before` is back and untraced.
+fn wait_like(root: i32, before: &std::collections::BTreeMap<i32, ProcTask>) {
+    let start = Instant::now();
+    loop {
+        let now = proc_tree(root);
+        let traced = now.keys().any(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+        });
+        if now.len() == before.len() && !traced && now.keys().eq(before.keys()) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "restored tree never matched: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn compare(
+    before: &std::collections::BTreeMap<i32, ProcTask>,
+    after: &std::collections::BTreeMap<i32, ProcTask>,
+) {
+    for (pid, b) in before {
+        let a = after
+            .get(pid)
+            .unwrap_or_else(|| panic!("task {pid} not restored"));
+        assert_eq!(a.nspid, b.nspid, "pid {pid}: NSpid");
+        assert_eq!(a.nstgid, b.nstgid, "pid {pid}: NStgid");
+        if *pid != *before.keys().next().unwrap() || b.nssid[0] != *pid {
+            assert_eq!(a.nspgid, b.nspgid, "pid {pid}: NSpgid");
+            assert_eq!(a.nssid, b.nssid, "pid {pid}: NSsid");
+        }
+        assert_eq!(a.state == 'Z', b.state == 'Z', "pid {pid}: zombie");
+        assert_eq!(a.state == 'T', b.state == 'T', "pid {pid}: stopped");
+        assert_eq!(a.threads, b.threads, "pid {pid}: threads");
+        if b.state == 'Z' {
+            assert_eq!(a.exit_code, b.exit_code, "pid {pid}: exit status");
+        }
+    }
+}
+
+#[test]
+fn tree_with_sessions_groups_zombies_and_stopped_tasks() {
+    root_or_skip!();
+    tree_round_trip("sessions", 2);
+}
+
+#[test]
+fn tree_with_pid_namespaces_depth_2() {
+    root_or_skip!();
+    tree_round_trip("ns2", 2);
+}
+
+#[test]
+fn tree_with_pid_namespaces_depth_3() {
+    root_or_skip!();
+    tree_round_trip("ns3", 2);
+}
+
+#[test]
+fn tree_with_threads_and_a_namespace() {
+    root_or_skip!();
+    tree_round_trip("ns1", 1);
+}
+
+fn gone(pids: &[i32]) -> bool {
+    pids.iter()
+        .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+}
+
+#[test]
+fn a_pid_in_use_is_refused_and_nothing_is_created() {
+    root_or_skip!();
+    let v = Victim::spawn("loop", &[]);
+    let dir = tempdir("restore-taken");
+    let o = pdump(&[
+        "dump",
+        "-t",
+        &v.pid.to_string(),
+        "-D",
+        dir.to_str().unwrap(),
+        "-R",
+    ]);
+    crate::util::assert_ok(&o, "dump -R");
+    let o = pdump(&["restore", "-D", dir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("pid {} ", v.pid)) && err.contains("already in use"),
+        "{err}"
+    );
+    ok(v, "OK");
+}
+
+#[test]
+fn a_failure_inside_the_tree_kills_everything_it_created() {
+    root_or_skip!();
+    // Run the tree from a copy of the victim binary, then remove the copy:
+    // every task fails to map its executable in the restorer's preparation.
+    let bin_dir = tempdir("restore-fail-bin");
+    let copy = bin_dir.join("victim-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_pdump-victim"), &copy).unwrap();
+    let mut child = Command::new(&copy)
+        .args(["tree-preset", "small"])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    let root: i32 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let pids: Vec<i32> = proc_tree(root).keys().copied().collect();
+    let dir = tempdir("restore-fail");
+    let o = pdump(&["dump", "-t", &root.to_string(), "-D", dir.to_str().unwrap()]);
+    crate::util::assert_ok(&o, "dump");
+    let _ = child.wait();
+    std::fs::remove_file(&copy).unwrap();
+    let start = Instant::now();
+    while !gone(&pids) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let o = pdump(&["restore", "-D", dir.to_str().unwrap(), "--shell-job"]);
+    assert!(
+        !o.status.success(),
+        "restore without the executable succeeded"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("task ") && err.contains("preparing the restorer"),
+        "{err}"
+    );
+    assert!(gone(&pids), "a failed restore left tasks: {pids:?}");
+}
+
+#[test]
+fn controller_killed_at_any_point_leaves_nothing() {
+    root_or_skip!();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pdump-victim"))
+        .args(["tree-preset", "small"])
+        .env(RESTORED.0, RESTORED.1)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    let root: i32 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let pids: Vec<i32> = proc_tree(root).keys().copied().collect();
+    let dir = tempdir("restore-fault");
+    let o = pdump(&["dump", "-t", &root.to_string(), "-D", dir.to_str().unwrap()]);
+    crate::util::assert_ok(&o, "dump");
+    let _ = child.wait();
+    // How many fault points a whole restore passes.
+    let o = Command::new(pdump_bin())
+        .args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
+        .env("PDUMP_FAULT_REPORT", "1")
+        .output()
+        .unwrap();
+    crate::util::assert_ok(&o, "restore");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let n: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("fault points: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fault report: {err}"));
+    for &p in pids.iter().rev() {
+        // SAFETY: kill the restored tree of this test.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let wait_gone = |what: &str| {
+        let start = Instant::now();
+        while !gone(&pids) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: tasks left: {:?}",
+                pids.iter()
+                    .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_gone("after the full restore");
+    assert!(n >= 4, "only {n} fault points");
+    let step = (n / 12).max(1);
+    let mut at = 1;
+    while at <= n {
+        let o = Command::new(pdump_bin())
+            .args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
+            .env("PDUMP_FAULT_KILL_AT", at.to_string())
+            .output()
+            .unwrap();
+        // Either everything it created is gone, or (killed after the tree
+        // was released) everything runs, untraced: nothing in between.
+        let start = Instant::now();
+        loop {
+            let alive: Vec<i32> = pids
+                .iter()
+                .copied()
+                .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+                .collect();
+            if alive.is_empty() {
+                break;
+            }
+            let running = alive.len() == pids.len()
+                && alive.iter().all(|p| {
+                    let s =
+                        std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+                    s.contains("TracerPid:\t0") && !s.contains("State:\tZ")
+                });
+            if running && (o.status.success() || start.elapsed() > Duration::from_millis(500)) {
+                for &p in pids.iter().rev() {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "controller killed at fault point {at} of {n}: left {alive:?} of {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        wait_gone(&format!("controller killed at fault point {at} of {n}"));
+        at += step;
+    }
+}
