@@ -126,24 +126,24 @@ fn python_interpreter_in_a_loop() {
     if Command::new("python3").arg("-c").arg("1").status().is_err() {
         panic!("python3 is needed for this test");
     }
-    // Counts, keeps a checksum of a 4 MiB bytearray it rewrites, and on
-    // SIGTERM checks both and prints OK.
+    // Counts, keeps a checksum of a 4 MiB bytearray it rewrites, and after
+    // SIGTERM (checked between iterations) checks both and prints OK.
     let script = r#"
 import os, signal, sys, zlib
 buf = bytearray(4 << 20)
 n = 0
 crc = zlib.crc32(buf)
-def term(*_):
-    ok = zlib.crc32(buf) == crc and n > 0
-    print(("OK" if ok else "FAIL") + " n=%d" % n, flush=True)
-    sys.exit(0 if ok else 1)
-signal.signal(signal.SIGTERM, term)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 print("READY %d" % os.getpid(), flush=True)
-while True:
+while not stop:
     i = (n * 4099) % len(buf)
     buf[i] = (buf[i] + 1) & 255
     crc = zlib.crc32(buf)
     n += 1
+ok = zlib.crc32(buf) == crc and n > 0
+print(("OK" if ok else "FAIL") + " n=%d" % n, flush=True)
+sys.exit(0 if ok else 1)
 "#;
     let mut child = Command::new("python3")
         .args(["-c", script])
@@ -244,7 +244,13 @@ fn wait_like(root: i32, before: &std::collections::BTreeMap<i32, ProcTask>) {
                 .lines()
                 .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
         });
-        if now.len() == before.len() && !traced && now.keys().eq(before.keys()) {
+        // A stopped task stops right after its detach.
+        let stops = now.iter().all(|(p, t)| {
+            before
+                .get(p)
+                .is_some_and(|b| (b.state == 'T') == (t.state == 'T'))
+        });
+        if now.len() == before.len() && !traced && now.keys().eq(before.keys()) && stops {
             return;
         }
         assert!(

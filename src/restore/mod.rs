@@ -753,8 +753,18 @@ fn finish(ctl: &Controller, live: &[usize]) -> Result<(), RestoreError> {
             unsafe { libc::kill(*pid, libc::SIGSTOP) };
         }
     }
-    for (_, _, s) in seized {
+    let mut stopped = Vec::new();
+    for (i, pid, s) in seized {
         let _ = s.detach();
+        if ctl.plan.tasks[i].stopped {
+            stopped.push(pid);
+        }
+    }
+    // Return only once the stopped tasks are (the SIGSTOP acts on detach).
+    let start = Instant::now();
+    while stopped.iter().any(|&p| proc_state(p) != 'T') && start.elapsed() < Duration::from_secs(2)
+    {
+        std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
 }

@@ -216,7 +216,9 @@ impl Plan {
                 .and_then(|t| t.vpids.get(lvl))
             {
                 Some(&id) => tasks[i].join_pgid = Some(id),
-                None if pgid == start_pgid && !in_tree(pgid) => {}
+                // The caller's group (--shell-job), or a leader in an outer
+                // pid namespace: inherited from the parent at creation.
+                None if pgid == start_pgid => {}
                 None => return Err(PlanError::Group { pid: e.pid, pgid }),
             }
         }

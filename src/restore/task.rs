@@ -171,6 +171,17 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
         // SAFETY: setsid has no arguments.
         check(step::CREATED, unsafe { libc::setsid() } as libc::c_long, 0)?;
     }
+    if t.pgid_leader {
+        // A group of its own needs nobody else: make it before the children
+        // exist, so they are born in it (a leader's group cannot be joined
+        // from a pid namespace below, where the leader is invisible).
+        // SAFETY: setpgid with integer arguments.
+        check(
+            step::PGID,
+            unsafe { libc::setpgid(0, 0) } as libc::c_long,
+            0,
+        )?;
+    }
     slot.step.store(step::CHILDREN, SeqCst);
     for &c in &t.children {
         let pid = clone_task(&ctl.plan.tasks[c])?;
@@ -191,14 +202,6 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     done_phase(shared);
     wait_phase(shared, phase::PGID_LEADERS);
     slot.step.store(step::PGID, SeqCst);
-    if t.pgid_leader {
-        // SAFETY: setpgid with integer arguments.
-        check(
-            step::PGID,
-            unsafe { libc::setpgid(0, 0) } as libc::c_long,
-            0,
-        )?;
-    }
     done_phase(shared);
     wait_phase(shared, phase::PGID_MEMBERS);
     // SAFETY: getpgrp has no arguments.
