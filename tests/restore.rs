@@ -397,14 +397,22 @@ fn controller_killed_at_any_point_leaves_nothing() {
     let o = pdump(&["dump", "-t", &root.to_string(), "-D", dir.to_str().unwrap()]);
     crate::util::assert_ok(&o, "dump");
     let _ = child.wait();
-    // How many fault points a whole restore passes.
-    let o = Command::new(pdump_bin())
-        .args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
-        .env("PDUMP_FAULT_REPORT", "1")
-        .output()
-        .unwrap();
-    crate::util::assert_ok(&o, "restore");
-    let err = String::from_utf8_lossy(&o.stderr);
+    // How many fault points a whole restore passes. (The restored tree
+    // keeps pdump's stdout and stderr: never wait for their end.)
+    let errf = dir.join("stderr");
+    let restore = |env: (&str, String)| {
+        Command::new(pdump_bin())
+            .args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
+            .env(env.0, env.1)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&errf).unwrap())
+            .status()
+            .unwrap()
+    };
+    let st = restore(("PDUMP_FAULT_REPORT", "1".into()));
+    let err = std::fs::read_to_string(&errf).unwrap();
+    assert!(st.success(), "restore: {err}");
     let n: u64 = err
         .lines()
         .find_map(|l| l.strip_prefix("fault points: "))
@@ -432,11 +440,7 @@ fn controller_killed_at_any_point_leaves_nothing() {
     let step = (n / 12).max(1);
     let mut at = 1;
     while at <= n {
-        let o = Command::new(pdump_bin())
-            .args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
-            .env("PDUMP_FAULT_KILL_AT", at.to_string())
-            .output()
-            .unwrap();
+        let st = restore(("PDUMP_FAULT_KILL_AT", at.to_string()));
         // Either everything it created is gone, or (killed after the tree
         // was released) everything runs, untraced: nothing in between.
         let start = Instant::now();
@@ -455,7 +459,7 @@ fn controller_killed_at_any_point_leaves_nothing() {
                         std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
                     s.contains("TracerPid:\t0") && !s.contains("State:\tZ")
                 });
-            if running && (o.status.success() || start.elapsed() > Duration::from_millis(500)) {
+            if running && (st.success() || start.elapsed() > Duration::from_millis(500)) {
                 for &p in pids.iter().rev() {
                     // SAFETY: as above.
                     unsafe { libc::kill(p, libc::SIGKILL) };

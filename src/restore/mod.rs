@@ -166,6 +166,15 @@ pub enum RestoreError {
         #[source]
         source: crate::ptrace::PtraceError,
     },
+    /// A remote syscall in a restored task failed.
+    #[error("task {pid}: unmapping the restorer")]
+    Remote {
+        /// The task.
+        pid: i32,
+        /// Cause.
+        #[source]
+        source: crate::remote::RemoteError,
+    },
     /// Unmapping the restorer from a task failed.
     #[error("task {pid}: unmapping the restorer at {addr:#x} returned {ret}")]
     Unmap {
@@ -676,40 +685,26 @@ fn run_to_sigreturn(s: &Seized, pid: i32, tid: i32) -> Result<(), RestoreError> 
     }
 }
 
-/// Run one syscall in a thread stopped at a syscall stop, through `stub`,
-/// with every signal blocked; its registers are put back afterwards.
-fn remote_syscall(
-    s: &Seized,
-    pid: i32,
-    tid: i32,
-    stub: u64,
-    nr: u64,
-    args: &[u64],
-) -> Result<i64, RestoreError> {
-    let err = |source| RestoreError::Resume { pid, source };
-    let saved = s.regs(tid).map_err(err)?;
-    let mask = s.sigmask(tid).map_err(err)?;
-    s.set_sigmask(tid, crate::ptrace::ALL_SIGNALS)
-        .map_err(err)?;
-    let mut regs = saved;
-    Native::set_syscall(&mut regs, &pdump_arch::SyscallArgs::new(nr, args));
-    Native::set_ip(&mut regs, stub);
-    s.set_regs(tid, &regs).map_err(err)?;
-    let mut stops = 0;
-    while stops < 2 {
-        s.cont_syscall(tid).map_err(err)?;
-        match crate::ptrace::wait_stop(tid).map_err(err)? {
-            Stop::Syscall => stops += 1,
-            Stop::Exited { status } => {
-                return Err(err(crate::ptrace::PtraceError::Died { tid, status }))
-            }
-            _ => {}
+/// Unmap `ranges` from a restored task (its leader stopped after its
+/// `rt_sigreturn`) with the dump's remote-syscall machinery: a syscall stub
+/// swapped into its text and a cure frame below its stack pointer, so that
+/// if pdump dies halfway the thread returns into its restored registers on
+/// its own.
+fn unmap_remote(s: &Seized, pid: i32, ranges: &[(u64, u64)]) -> Result<(), RestoreError> {
+    let err = |source: crate::remote::RemoteError| RestoreError::Remote { pid, source };
+    let snap = crate::remote::ThreadSnapshot::take(s, pid)
+        .map_err(|source| RestoreError::Resume { pid, source })?;
+    let stub = crate::remote::Stub::install(s).map_err(err)?;
+    let mut rt = crate::remote::RemoteThread::begin(s, &stub, &snap).map_err(err)?;
+    for &(addr, len) in ranges {
+        let ret = rt.syscall(munmap_nr(), &[addr, len]).map_err(err)?;
+        if ret != 0 {
+            return Err(RestoreError::Unmap { pid, addr, ret });
         }
     }
-    let ret = Native::syscall_ret(&s.regs(tid).map_err(err)?);
-    s.set_regs(tid, &saved).map_err(err)?;
-    s.set_sigmask(tid, mask).map_err(err)?;
-    Ok(ret)
+    rt.end().map_err(err)?;
+    stub.remove().map_err(err)?;
+    Ok(())
 }
 
 /// The barrier: seize every thread, let them return into their registers,
@@ -733,20 +728,14 @@ fn finish(ctl: &Controller, live: &[usize]) -> Result<(), RestoreError> {
     }
     for (i, pid, s) in &seized {
         let slot = ctl.slot(*i);
-        let stub = slot.stub.load(SeqCst);
-        for (addr, len) in [
-            (ctl.shared_addr, ctl.shared_len),
-            (slot.area.load(SeqCst), slot.area_len.load(SeqCst)),
-        ] {
-            let ret = remote_syscall(s, *pid, *pid, stub, munmap_nr(), &[addr, len])?;
-            if ret != 0 {
-                return Err(RestoreError::Unmap {
-                    pid: ctl.plan.tasks[*i].entry.pid,
-                    addr,
-                    ret,
-                });
-            }
-        }
+        unmap_remote(
+            s,
+            *pid,
+            &[
+                (ctl.shared_addr, ctl.shared_len),
+                (slot.area.load(SeqCst), slot.area_len.load(SeqCst)),
+            ],
+        )?;
         if ctl.plan.tasks[*i].stopped {
             // SAFETY: kill with a pid we created; the stop takes effect when
             // the task is detached.
