@@ -62,6 +62,7 @@ pub mod procfs;
 pub mod ptrace;
 pub mod remote;
 pub mod restore;
+pub mod restore_files;
 pub mod tree;
 
 pub use error::{Error, Result};
