@@ -47,6 +47,14 @@ use std::path::{Path, PathBuf};
 use crate::image::model::{FdKind, FileObject, Inventory, ProcessImage};
 use crate::image::Checkpoint;
 
+/// The kernel's `O_LARGEFILE` (the libc constant is 0 on 64-bit targets;
+/// `open` sets the kernel's bit, `pipe2` does not).
+#[cfg(target_arch = "aarch64")]
+pub const KERNEL_O_LARGEFILE: i32 = 0o400000;
+/// The kernel's `O_LARGEFILE` (the libc constant is 0 on 64-bit targets;
+/// `open` sets the kernel's bit, `pipe2` does not).
+#[cfg(not(target_arch = "aarch64"))]
+pub const KERNEL_O_LARGEFILE: i32 = 0o100000;
 /// `__O_TMPFILE` (without `O_DIRECTORY`).
 const O_TMPFILE_BIT: i32 = libc::O_TMPFILE & !libc::O_DIRECTORY;
 /// The open flags that must never be replayed: they create, truncate, or
@@ -1031,7 +1039,7 @@ impl<'a> Opener<'a, '_> {
         };
         // The pipe's own end is exactly such a description unless it was
         // reopened (O_LARGEFILE) or has another access mode.
-        let own = flags as i32 & (libc::O_ACCMODE | libc::O_LARGEFILE) == acc;
+        let own = flags as i32 & (libc::O_ACCMODE | KERNEL_O_LARGEFILE) == acc;
         let fd = match native.take() {
             Some(fd) if own => fd,
             other => {

@@ -6,5 +6,6 @@ mod fault;
 mod golden;
 mod infect;
 mod leaks;
+mod restore_files;
 mod tree;
 pub mod util;
