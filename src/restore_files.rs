@@ -1680,4 +1680,119 @@ mod tests {
         );
         assert!(err.to_string().contains("fd 4 of pid 10"), "{err}");
     }
+
+    #[test]
+    fn socketpairs_both_ways_pipe_data_and_eventfd_installed() {
+        let us = |inode, peer, t, queued: &[&[u8]], shutdown| FdKind::UnixSocket {
+            inode,
+            peer_inode: peer,
+            sock_type: t,
+            name: vec![],
+            queued: queued.iter().map(|q| q.to_vec()).collect(),
+            shutdown,
+        };
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (st, dg) = (libc::SOCK_STREAM, libc::SOCK_DGRAM);
+        let procs = vec![
+            proc(
+                10,
+                vec![
+                    entry(3, libc::O_RDWR, us(1, 2, st, &[b"to-a"], 0)),
+                    entry(5, libc::O_RDWR, us(3, 4, dg, &[b"one", b"second"], 1)),
+                    entry(7, libc::O_RDONLY, pipe(9, false, &big)),
+                    entry(
+                        9,
+                        libc::O_RDWR,
+                        FdKind::EventFd {
+                            count: 5,
+                            efd_flags: libc::EFD_SEMAPHORE as u32,
+                        },
+                    ),
+                ],
+            ),
+            proc(
+                11,
+                vec![
+                    entry(
+                        4,
+                        libc::O_RDWR | libc::O_NONBLOCK,
+                        us(2, 1, st, &[b"to-b"], 0),
+                    ),
+                    entry(6, libc::O_RDWR, us(4, 3, dg, &[], 2)),
+                    entry(8, libc::O_WRONLY, pipe(9, true, b"")),
+                ],
+            ),
+        ];
+        let table =
+            FileTable::open_images(&Inventory::default(), &procs, &FileOptions::default()).unwrap();
+        assert_eq!((table.base(), table.len()), (10, 7));
+        let mut p = [0; 2];
+        // SAFETY: room for two fds.
+        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: moves the write end above the table's base.
+        let w = unsafe { libc::fcntl(p[1], libc::F_DUPFD_CLOEXEC, 200) };
+        // SAFETY: fork; the child calls install (no allocation) and raw
+        // syscalls on stack buffers, then _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut bad = 0u32;
+            // SAFETY: raw syscalls on this child's fds and stack buffers.
+            unsafe {
+                let recv = |fd: i32, want: &[u8]| {
+                    let mut buf = [0u8; 64];
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), 64, libc::MSG_DONTWAIT);
+                    n == want.len() as isize && &buf[..want.len()] == want
+                };
+                if table.install(10).is_err() {
+                    bad |= 1;
+                }
+                for (fd, want, bit) in [(3, &b"to-a"[..], 2), (5, b"one", 4), (5, b"second", 8)] {
+                    if !recv(fd, want) {
+                        bad |= bit;
+                    }
+                }
+                let mut n: libc::c_int = 0;
+                libc::ioctl(7, libc::FIONREAD, &mut n);
+                if n != 200_000 {
+                    bad |= 16;
+                }
+                let mut v = 0u64;
+                if libc::read(9, (&mut v as *mut u64).cast(), 8) != 8 || v != 1 {
+                    bad |= 32;
+                }
+                if table.install(11).is_err() {
+                    bad |= 1;
+                }
+                if !recv(4, b"to-b") {
+                    bad |= 128;
+                }
+                if libc::fcntl(4, libc::F_GETFL) & libc::O_NONBLOCK == 0 {
+                    bad |= 256;
+                }
+                let x = b"x".as_ptr().cast();
+                // Shut down for writing, as recorded.
+                if libc::send(6, x, 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) != -1
+                    || *libc::__errno_location() != libc::EPIPE
+                {
+                    bad |= 512;
+                }
+                if libc::fcntl(3, libc::F_GETFD) != -1 || libc::fcntl(8, libc::F_GETFD) != 0 {
+                    bad |= 1024;
+                }
+                libc::write(w, (&bad as *const u32).cast(), 4);
+                libc::_exit(0);
+            }
+        }
+        let mut bad = u32::MAX;
+        // SAFETY: reads 4 bytes into `bad`, closes our fds, reaps the child.
+        unsafe {
+            libc::close(p[1]);
+            libc::close(w);
+            assert_eq!(libc::read(p[0], (&mut bad as *mut u32).cast(), 4), 4);
+            libc::close(p[0]);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        assert_eq!(bad, 0, "failed checks: {bad:#b}");
+    }
 }

@@ -132,7 +132,7 @@ fn run_checks(checks: &[Check], base: RawFd) -> u64 {
         if let Some(want) = &c.read {
             // SAFETY: reads into a stack buffer.
             let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-            if n != want.len() as isize || &buf[..want.len()] != &want[..] {
+            if n != want.len() as isize || buf[..want.len()] != want[..] {
                 return fail(fd, 8);
             }
         }
@@ -140,7 +140,7 @@ fn run_checks(checks: &[Check], base: RawFd) -> u64 {
             let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
             // SAFETY: peeks into a stack buffer.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), want.len(), flags) };
-            if n != want.len() as isize || &buf[..want.len()] != &want[..] {
+            if n != want.len() as isize || buf[..want.len()] != want[..] {
                 return fail(fd, 9);
             }
         }
@@ -411,12 +411,10 @@ fn checks_for(
                 }
             }
             FdKind::Fifo {
-                write_end, data, ..
-            } => {
-                if !write_end && !data.is_empty() {
-                    c.buffered = Some(data.len() as i32);
-                }
-            }
+                write_end: false,
+                data,
+                ..
+            } if !data.is_empty() => c.buffered = Some(data.len() as i32),
             FdKind::UnixSocket { queued, .. } => {
                 c.link = Link::Around(b"socket:[".to_vec(), b"]".to_vec());
                 if !queued.is_empty() {
