@@ -37,6 +37,9 @@ pub enum Error {
     /// A restore failed.
     #[error(transparent)]
     Restore(#[from] crate::restore::RestoreError),
+    /// Recreating the open files of a checkpoint failed.
+    #[error(transparent)]
+    Files(#[from] crate::restore_files::FilesError),
     /// I/O on a path.
     #[error("{op} {path}")]
     Io {

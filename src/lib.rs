@@ -14,7 +14,9 @@
 //! * [`infect`]: map the parasite into a task, send it commands, cure it;
 //! * [`dump`]: write a checkpoint directory;
 //! * [`image`]: read, validate and render checkpoint images;
-//! * [`procfs`]: the `/proc` readers everything else uses.
+//! * [`procfs`]: the `/proc` readers everything else uses;
+//! * [`restore_files`]: recreate a checkpoint's open files and install a
+//!   restored task's fds.
 //!
 //! Every fallible call returns a typed error naming the pid, path or thread
 //! and the failing operation; [`Error`] wraps them all.
@@ -62,6 +64,7 @@ pub mod procfs;
 pub mod ptrace;
 pub mod remote;
 pub mod restore;
+pub mod restore_files;
 pub mod tree;
 
 pub use error::{Error, Result};

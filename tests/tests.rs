@@ -7,5 +7,6 @@ mod golden;
 mod infect;
 mod leaks;
 mod restore;
+mod restore_files;
 mod tree;
 pub mod util;

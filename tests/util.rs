@@ -89,10 +89,17 @@ impl Victim {
     }
 
     pub fn spawn_env(mode: &str, args: &[&str], env: &[(&str, &str)]) -> Victim {
+        Self::spawn_stderr(mode, args, env, Stdio::inherit())
+    }
+
+    /// [`Victim::spawn_env`] with the victim's stderr given (e.g.
+    /// `Stdio::null()`, so that its fd 2 is not the test's).
+    pub fn spawn_stderr(mode: &str, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Victim {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pdump-victim"))
             .arg(mode)
             .args(args)
             .envs(env.iter().copied())
+            .stderr(stderr)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -21,8 +21,7 @@
 pub mod plan;
 mod task;
 
-#[path = "fdmin.rs"]
-pub mod files;
+pub use crate::restore_files as files;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
