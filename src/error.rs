@@ -37,6 +37,9 @@ pub enum Error {
     /// A restore failed.
     #[error(transparent)]
     Restore(#[from] crate::restore::RestoreError),
+    /// A snapshot or an ELF core failed.
+    #[error(transparent)]
+    Core(#[from] crate::elfcore::CoreError),
     /// I/O on a path.
     #[error("{op} {path}")]
     Io {
