@@ -278,7 +278,7 @@ mod tests {
                     tid: 100,
                     gpr: (0..27).map(|i| 0x1000 + i).collect(),
                     fpregs: {
-                        let mut x = vec![0u8; 2440];
+                        let mut x = vec![0u8; 2432];
                         x[464] = 0xe7; // XCR0: x87, SSE, AVX, AVX-512
                         x
                     },

@@ -243,8 +243,10 @@ mod tests {
 
     #[test]
     fn sizes_of_the_fixed_layouts() {
-        assert_eq!(Layout::amd(0xe7).unwrap().size(), 2440);
+        assert_eq!(Layout::amd(0xe7).unwrap().size(), 2432);
+        assert_eq!(Layout::amd(0x2e7).unwrap().size(), 2440);
         assert_eq!(Layout::intel(0xe7).unwrap().size(), 2688);
+        assert_eq!(Layout::intel(0x2e7).unwrap().size(), 2696);
         assert_eq!(Layout::intel(0x2ff).unwrap().size(), 2696);
         assert_eq!(Layout::intel(0x7).unwrap().size(), 832);
         assert_eq!(Layout::intel(0x3).unwrap().size(), LEGACY_AND_HEADER);
@@ -256,7 +258,7 @@ mod tests {
     fn amd_to_intel_moves_every_component() {
         let a = amd_area();
         let (from, to) = (Layout::amd(0xe7).unwrap(), Layout::intel(0xe7).unwrap());
-        assert_eq!(Layout::detect(0xe7, a.len()).unwrap().size(), 2440);
+        assert_eq!(Layout::detect(0xe7, a.len()).unwrap().size(), 2432);
         let out = convert(&a, &from, &to);
         assert_eq!(out.len(), 2688);
         assert_eq!(out[..512], a[..512]);
