@@ -317,7 +317,7 @@ fn live_core_matches_the_live_process_in_gdb() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(left, [core.clone()]);
+    assert_eq!(left, std::slice::from_ref(&core));
     check_against_live(&core, &live, v.pid, n);
     check_globals(&core, &v);
     let last = v.finish();
