@@ -93,10 +93,13 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1024);
-    let have_gcore = Command::new("gcore")
+    // gcore is a script around gdb with no --version.
+    let have_gcore = Command::new("gdb")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success());
+        .is_ok_and(|o| o.status.success())
+        && std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("gcore").exists()));
     if !have_gcore {
         eprintln!("gcore (gdb) is not installed: only pdump is timed");
     }
