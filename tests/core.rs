@@ -201,19 +201,31 @@ fn tids(pid: i32) -> Vec<i32> {
     t
 }
 
-/// The victim is running, not traced, not stopped.
+/// The victim is running, not traced, not stopped: right away no tracer
+/// and no stop, and it settles back into its sleep (a thread just released
+/// may be running for a moment while its syscall restarts).
 fn assert_running_untraced(pid: i32) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
-        status
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let v = status
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .unwrap()
             .trim()
-            .to_string()
+            .to_string();
+        (v, status)
     };
-    assert_eq!(field("TracerPid:"), "0", "still traced:\n{status}");
-    assert!(field("State:").starts_with('S'), "not sleeping:\n{status}");
+    let (tracer, status) = field("TracerPid:");
+    assert_eq!(tracer, "0", "still traced:\n{status}");
+    let (state, status) = field("State:");
+    assert!(!state.starts_with(['t', 'T']), "stopped:\n{status}");
+    for _ in 0..200 {
+        if field("State:").0.starts_with('S') {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("not back in its sleep after 2 s:\n{}", field("State:").1);
 }
 
 /// The `core` victim's globals as gdb reads them from `core`.
