@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use pdump::dump::{dump_tree, DumpOptions};
 use pdump::image::{self, show};
+use pdump::{CoreOptions, Snapshot, SnapshotOptions};
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -59,6 +60,65 @@ pub fn dump(pid: i32, dir: PathBuf, opts: DumpOptions) -> CliResult {
         msg.push_str(&pdump::leaks::render(&s.leaks));
     }
     print(&msg)
+}
+
+/// `pdump core PID|DIR`.
+pub fn core(
+    target: &str,
+    output: Option<PathBuf>,
+    filter: Option<u32>,
+    pid: Option<i32>,
+) -> CliResult {
+    let dir = Path::new(target);
+    let live: Option<i32> = if dir.is_dir() {
+        None
+    } else {
+        Some(
+            target
+                .parse()
+                .map_err(|_| format!("{target:?} is neither a pid nor a checkpoint directory"))?,
+        )
+    };
+    let t0 = std::time::Instant::now();
+    let snap = match live {
+        Some(p) => {
+            if pid.is_some_and(|x| x != p) {
+                return Err("--pid is for checkpoint directories".into());
+            }
+            let out_dir = output
+                .as_deref()
+                .and_then(Path::parent)
+                .filter(|d| !d.as_os_str().is_empty())
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            let opts = SnapshotOptions {
+                work_dir: Some(out_dir),
+            };
+            Snapshot::take(p, &opts)?
+        }
+        None => match pid {
+            Some(p) => Snapshot::open_pid(dir, p)?,
+            None => Snapshot::open(dir)?,
+        },
+    };
+    let out = output.unwrap_or_else(|| PathBuf::from(format!("core.{}", snap.pid())));
+    let s = snap.write_core(&out, &CoreOptions { filter })?;
+    print(&format!(
+        "wrote {} ({} threads, {} mappings, {} with contents, {} bytes of memory, \
+         coredump_filter {:#x}) in {:.1} ms{}\n",
+        out.display(),
+        s.threads,
+        s.segments,
+        s.segments_with_data,
+        s.data_bytes,
+        s.filter,
+        t0.elapsed().as_secs_f64() * 1e3,
+        if live.is_some() {
+            ", process left running"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// `pdump show`.

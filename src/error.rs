@@ -40,6 +40,9 @@ pub enum Error {
     /// Recreating the open files of a checkpoint failed.
     #[error(transparent)]
     Files(#[from] crate::restore_files::FilesError),
+    /// A snapshot or an ELF core failed.
+    #[error(transparent)]
+    Core(#[from] crate::elfcore::CoreError),
     /// I/O on a path.
     #[error("{op} {path}")]
     Io {

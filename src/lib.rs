@@ -13,6 +13,8 @@
 //! * [`remote`]: run any syscall inside a seized task;
 //! * [`infect`]: map the parasite into a task, send it commands, cure it;
 //! * [`dump`]: write a checkpoint directory;
+//! * [`snapshot`], [`elfcore`]: a process's threads, registers and memory,
+//!   live or from a checkpoint, and ELF core files of it for debuggers;
 //! * [`image`]: read, validate and render checkpoint images;
 //! * [`procfs`]: the `/proc` readers everything else uses;
 //! * [`restore_files`]: recreate a checkpoint's open files and install a
@@ -54,6 +56,7 @@
 pub mod blob;
 pub mod check;
 pub mod dump;
+pub mod elfcore;
 pub mod error;
 pub mod fault;
 pub mod fdshare;
@@ -65,6 +68,9 @@ pub mod ptrace;
 pub mod remote;
 pub mod restore;
 pub mod restore_files;
+pub mod snapshot;
 pub mod tree;
 
+pub use elfcore::{CoreError, CoreOptions, CoreSummary};
 pub use error::{Error, Result};
+pub use snapshot::{Snapshot, SnapshotOptions};

@@ -69,6 +69,21 @@ enum Cmd {
         #[arg(long)]
         no_verify: bool,
     },
+    /// Write an ELF core file (for gdb/lldb) of a live process, left
+    /// running, or of a process of a checkpoint directory.
+    Core {
+        /// A pid (live process) or a checkpoint directory.
+        target: String,
+        /// Output file (default: ./core.PID, like gcore).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// coredump_filter bits (hex) instead of the process's own.
+        #[arg(long, value_parser = parse_hex)]
+        filter: Option<u32>,
+        /// With a directory: which process of the checkpoint (default: its root).
+        #[arg(long)]
+        pid: Option<i32>,
+    },
     /// Show what an image directory holds.
     Show {
         /// The image directory.
@@ -95,6 +110,11 @@ enum Cmd {
     /// The demo's workload (internal).
     #[command(hide = true)]
     DemoWorkload,
+}
+
+fn parse_hex(s: &str) -> Result<u32, String> {
+    let digits = s.trim_start_matches("0x").trim_start_matches("0X");
+    u32::from_str_radix(digits, 16).map_err(|e| format!("{s:?} is not a hex number: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -150,6 +170,15 @@ fn main() -> ExitCode {
             allow_size_change: allow_file_size_change,
             no_verify,
         }),
+        (
+            None,
+            Some(Cmd::Core {
+                target,
+                output,
+                filter,
+                pid,
+            }),
+        ) => cli::core(&target, output, filter, pid),
         (None, Some(Cmd::Show { dir, json, pages })) => cli::show(&dir, json, pages),
         (None, Some(Cmd::Check { json })) => cli::check(json),
         (None, Some(Cmd::Demo { dir })) => cli::demo(dir),

@@ -112,6 +112,19 @@
 //!   to 10 s for that), that both timers still have their intervals, and
 //!   that all three actions are unchanged. `READY <pid>`; final
 //!   `OK alrm=<n> usr1=<n>`.
+//! * `core [N]` (default 3): for ELF core tests with gdb. Writes
+//!   `splitmix64(0xC0DE_0000_0000 ^ pid)` into the global
+//!   `PDUMP_CORE_GLOBAL` (`#[no_mangle]`, a `u64`) and a 64-word heap block
+//!   (word j = `splitmix64(0xC0DE_1000_0000 ^ pid << 8 ^ j)`) whose address
+//!   is in the global `PDUMP_CORE_HEAP`; starts N threads that each block in
+//!   a futex wait (`core_block`) called from a frame of their own
+//!   (`core_stack_alpha`, `_beta`, `_gamma` for thread index 0, 1, 2 mod 3,
+//!   each holding a checked local pattern) under `core_thread_entry`; the
+//!   main thread waits for SIGTERM in `rt_sigsuspend` inside
+//!   `core_main_wait`. READY only once every thread sits in its futex wait:
+//!   `READY <pid> <N> <global_addr_hex> <heap_addr_hex>`. On SIGTERM it
+//!   releases and joins the threads and checks their stack patterns, the
+//!   global, the heap block and the signal state. Final `OK threads=<N>`.
 //! * `tree SPEC` / `tree-preset NAME`: a whole process tree built from a
 //!   compact spec, every member alive and self-checking; see
 //!   [Process trees](#process-trees-tree-and-tree-preset) below.
@@ -4274,11 +4287,179 @@ fn mode_clonevm() -> Result<String, String> {
     Ok(format!("OK count={b}"))
 }
 
+// ---------------------------------------------------------------------------
+// core
+// ---------------------------------------------------------------------------
+
+/// `core`: a global written at run time (checked in ELF cores by gdb).
+#[no_mangle]
+pub static PDUMP_CORE_GLOBAL: AtomicU64 = AtomicU64::new(0);
+/// `core`: the address of the heap block.
+#[no_mangle]
+pub static PDUMP_CORE_HEAP: AtomicU64 = AtomicU64::new(0);
+
+const CORE_HEAP_WORDS: usize = 64;
+
+fn core_global_value(pid: i32) -> u64 {
+    splitmix64(0xC0DE_0000_0000 ^ pid as u64)
+}
+
+fn core_heap_word(pid: i32, j: usize) -> u64 {
+    splitmix64(0xC0DE_1000_0000 ^ ((pid as u64) << 8) ^ j as u64)
+}
+
+/// Block in FUTEX_WAIT until `word` is non-zero.
+#[inline(never)]
+fn core_block(word: &AtomicU32) {
+    while word.load(Ordering::SeqCst) == 0 {
+        // SAFETY: a futex wait on a live atomic word.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                0u32,
+                null::<libc::timespec>(),
+            )
+        };
+    }
+}
+
+/// A frame of its own with a local pattern, checked after `core_block`
+/// returns (so the call is not a tail call and the frame stays).
+macro_rules! core_stack_fn {
+    ($name:ident, $salt:expr) => {
+        #[inline(never)]
+        fn $name(idx: usize, word: &AtomicU32) -> Result<(), String> {
+            let mut buf = [0u64; 64];
+            for (j, w) in buf.iter_mut().enumerate() {
+                // SAFETY: a valid element of a local array.
+                unsafe { write_volatile(w, splitmix64($salt ^ ((idx as u64) << 8) ^ j as u64)) };
+            }
+            core_block(std::hint::black_box(word));
+            for (j, w) in buf.iter().enumerate() {
+                // SAFETY: a valid element of a local array.
+                let v = unsafe { read_volatile(w) };
+                if v != splitmix64($salt ^ ((idx as u64) << 8) ^ j as u64) {
+                    return Err(format!(
+                        "core: thread {idx}: {}: stack word {j} is {v:#x}",
+                        stringify!($name)
+                    ));
+                }
+            }
+            Ok(())
+        }
+    };
+}
+core_stack_fn!(core_stack_alpha, 0xA1FA_0000);
+core_stack_fn!(core_stack_beta, 0xBE7A_0000);
+core_stack_fn!(core_stack_gamma, 0x6A33_0000);
+
+#[inline(never)]
+fn core_thread_entry(idx: usize, word: &AtomicU32, mask: u64) -> Result<(), String> {
+    let alt = install_altstack();
+    let r = match idx % 3 {
+        0 => core_stack_alpha(idx, word),
+        1 => core_stack_beta(idx, word),
+        _ => core_stack_gamma(idx, word),
+    };
+    r?;
+    verify_thread(&format!("core: thread {idx}"), mask, &alt)
+}
+
+/// The main thread's wait for SIGTERM, in a frame of its own.
+#[inline(never)]
+fn core_main_wait() -> u64 {
+    let suspend_mask = sigbit(libc::SIGUSR2);
+    let mut rounds = 0u64;
+    while !term_requested() {
+        // SAFETY: valid pointer to an 8-byte kernel sigset.
+        unsafe { libc::syscall(libc::SYS_rt_sigsuspend, &suspend_mask as *const u64, 8usize) };
+        rounds += 1;
+    }
+    std::hint::black_box(rounds)
+}
+
+fn mode_core(n: usize) -> Result<String, String> {
+    let common = common_init(sigbit(libc::SIGTERM));
+    let pid = getpid();
+    PDUMP_CORE_GLOBAL.store(core_global_value(pid), Ordering::SeqCst);
+    let heap: Box<[u64; CORE_HEAP_WORDS]> =
+        Box::new(std::array::from_fn(|j| core_heap_word(pid, j)));
+    let heap_addr = heap.as_ptr() as u64;
+    PDUMP_CORE_HEAP.store(heap_addr, Ordering::SeqCst);
+    let release: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
+    let mut handles = Vec::new();
+    for idx in 0..n {
+        let mask = common.mask;
+        let h = std::thread::Builder::new()
+            .name(format!("core-{idx}"))
+            .spawn(move || core_thread_entry(idx, release, mask))
+            .map_err(|e| format!("core: spawn: {e}"))?;
+        handles.push(h);
+    }
+    // Every worker is in its futex wait (state S in the wait channel) before READY.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting = std::fs::read_dir("/proc/self/task")
+            .map_err(|e| format!("core: /proc/self/task: {e}"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy() != pid.to_string())
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("wchan"))
+                    .is_ok_and(|w| w.starts_with("futex"))
+            })
+            .count();
+        if waiting == n {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "core: only {waiting} of {n} threads reached their futex wait"
+            ));
+        }
+        nap(5);
+    }
+    emit(&format!(
+        "READY {pid} {n} {:#x} {heap_addr:#x}",
+        &PDUMP_CORE_GLOBAL as *const AtomicU64 as u64
+    ));
+    core_main_wait();
+    release.store(1, Ordering::SeqCst);
+    // SAFETY: a futex wake on a live atomic word.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            release.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        )
+    };
+    for (idx, h) in handles.into_iter().enumerate() {
+        h.join()
+            .map_err(|_| format!("core: thread {idx} panicked"))??;
+    }
+    let g = PDUMP_CORE_GLOBAL.load(Ordering::SeqCst);
+    if g != core_global_value(pid) {
+        return Err(format!("core: global is {g:#x}"));
+    }
+    if PDUMP_CORE_HEAP.load(Ordering::SeqCst) != heap_addr {
+        return Err("core: heap pointer changed".into());
+    }
+    for (j, &w) in heap.iter().enumerate() {
+        if w != core_heap_word(pid, j) {
+            return Err(format!("core: heap word {j} is {w:#x}"));
+        }
+    }
+    common.verify()?;
+    Ok(format!("OK threads={n}"))
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: pdump-victim MODE [ARGS]\n\
          modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers\n       \
-         | tree SPEC | tree-preset NAME | clonevm | protnone"
+         | tree SPEC | tree-preset NAME | clonevm | protnone | core [N]"
     );
     std::process::exit(2)
 }
@@ -4303,6 +4484,7 @@ fn main() {
         "tree-preset" => mode_tree_preset(args.get(2)),
         "clonevm" => mode_clonevm(),
         "protnone" => mode_protnone(),
+        "core" => mode_core(parse_num(args.get(2), 3, "N") as usize),
         _ => usage(),
     };
     match res {

@@ -1064,7 +1064,7 @@ pub(crate) mod tests {
             }),
             restart_syscall: if tid % 2 == 0 { Some(230) } else { None },
             stopped: false,
-            clear_tid: 0x7f00_0000_2d0,
+            clear_tid: 0x07f0_0000_02d0,
         }
     }
 

@@ -207,8 +207,13 @@ impl Pagemap {
             }
             let n = (n as usize).min(regions.len());
             for r in &regions[..n] {
-                if r.end > r.start {
-                    runs.push(r.start, (r.end - r.start) / page, page);
+                // When `regions` fills up in the middle of a page table,
+                // Linux 6.18 can set `walk_end` back to the start of that
+                // table although it already reported regions past it; the
+                // next call reports them again. Keep each page once.
+                let start = r.start.max(runs.end(page));
+                if r.end > start {
+                    runs.push(start, (r.end - start) / page, page);
                 }
             }
             // walk_end == end when the whole range was walked; it only
@@ -283,6 +288,11 @@ pub fn present_ranges(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>>
 struct Runs(Vec<(u64, u64)>);
 
 impl Runs {
+    /// One past the last page so far (0 when empty).
+    fn end(&self, page: u64) -> u64 {
+        self.0.last().map_or(0, |&(a, n)| a + n * page)
+    }
+
     fn push(&mut self, addr: u64, npages: u64, page: u64) {
         if let Some(last) = self.0.last_mut() {
             if last.0 + last.1 * page == addr {

@@ -207,11 +207,8 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     // SAFETY: getpgrp has no arguments.
     if let Some(g) = t.join_pgid.filter(|&g| g != unsafe { libc::getpgrp() }) {
         // SAFETY: setpgid with integer arguments.
-        check(
-            step::PGID,
-            unsafe { libc::setpgid(0, g) } as libc::c_long,
-            g as u64,
-        )?;
+        let r = unsafe { libc::setpgid(0, g) };
+        check(step::PGID, r as libc::c_long, g as u64)?;
     }
     done_phase(shared);
     wait_phase(shared, phase::ZOMBIES);
@@ -310,20 +307,14 @@ fn restore_fs(img: &ProcessImage) -> Result<(), Fail> {
     if !img.root.is_empty() && img.root != "/" {
         let r = cstr(&img.root);
         // SAFETY: a NUL-terminated path.
-        check(
-            step::FS,
-            unsafe { libc::chroot(r.as_ptr()) } as libc::c_long,
-            0,
-        )?;
+        let r = unsafe { libc::chroot(r.as_ptr()) };
+        check(step::FS, r as libc::c_long, 0)?;
     }
     if !img.cwd.is_empty() {
         let c = cstr(&img.cwd);
         // SAFETY: a NUL-terminated path.
-        check(
-            step::FS,
-            unsafe { libc::chdir(c.as_ptr()) } as libc::c_long,
-            1,
-        )?;
+        let r = unsafe { libc::chdir(c.as_ptr()) };
+        check(step::FS, r as libc::c_long, 1)?;
     }
     // SAFETY: umask and personality take integers.
     unsafe {
