@@ -51,6 +51,7 @@
 
 pub mod blob;
 pub mod check;
+pub mod cow;
 pub mod dump;
 pub mod error;
 pub mod fault;
