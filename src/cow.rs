@@ -882,3 +882,48 @@ impl Drop for PendingSet {
         }
     }
 }
+
+/// Reap the snapshots a killed dumper left as zombies under the task (a
+/// snapshot that exited after its parent was cured and before the dumper
+/// reaped it): children in state Z with exit signal 0 and comm
+/// [`pdump_parasite::SNAPSHOT_COMM`], reaped by `wait4` through the parasite.
+/// Returns how many were reaped.
+pub fn reap_leftovers(parasite: &mut Parasite<'_>, pid: i32) -> Result<usize, InfectError> {
+    const WCLONE: u64 = 0x8000_0000;
+    let mut n = 0;
+    for t in procfs::threads(pid).unwrap_or_default() {
+        for c in procfs::children(pid, t).unwrap_or_default() {
+            let Ok(st) = std::fs::read_to_string(procfs::proc_path(c, "stat")) else {
+                continue;
+            };
+            let Some(close) = st.rfind(')') else { continue };
+            let comm = st.find('(').map(|o| &st[o + 1..close]).unwrap_or("");
+            let f: Vec<&str> = st[close + 2..].split(' ').collect();
+            if comm != pdump_parasite::SNAPSHOT_COMM
+                || f.first() != Some(&"Z")
+                || f.get(35) != Some(&"0")
+            {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(procfs::proc_path(c, "status")) else {
+                continue;
+            };
+            let Some(ns_pid) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last())
+                .and_then(|v| v.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let r = parasite.syscall(
+                nr::WAIT4,
+                &[ns_pid as u64, 0, libc::WNOHANG as u64 | WCLONE, 0],
+            )?;
+            if r == ns_pid as i64 {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}

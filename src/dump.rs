@@ -725,6 +725,7 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     // Inside: the parasite.
     let inf = |step| move |source| DumpError::Infect { pid, step, source };
     let mut parasite = Parasite::infect(seized).map_err(inf("infecting"))?;
+    crate::cow::reap_leftovers(&mut parasite, pid).map_err(inf("reaping leftover snapshots"))?;
     let ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let misc = parasite.misc(&ids).map_err(inf("gathering signal state"))?;
     proc_img.sigactions = misc

@@ -760,6 +760,7 @@ impl<'a> Parasite<'a> {
     /// before the cure): nothing is left of it.
     pub fn abort_snapshot(&mut self, ns_pid: i32) {
         const WCLONE: u64 = 0x8000_0000;
+        self.ctl().snap_pid.store(0, SeqCst);
         let _ = self.syscall(nr::KILL, &[ns_pid as u64, libc::SIGKILL as u64]);
         if let Err(e) = self.syscall(nr::WAIT4, &[ns_pid as u64, 0, WCLONE, 0]) {
             log::error!("pid {}: reaping its snapshot {ns_pid}: {e}", self.pid);

@@ -336,6 +336,11 @@ fn cow_dumper_killed_at_every_fault_point() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // A dump that gets as far as the parasite reaps what earlier killed
+    // dumpers left (the zombies are named pdump-snapshot).
+    let last = base.join("last");
+    assert_ok(&run(&last, None), "a clean dump after the killed ones");
+    assert_eq!(children(v.pid), vec![], "leftover snapshots not reaped");
     assert_eq!(fds(v.pid), fds_before, "a killed dumper left fds");
     // The only mapping a killed dumper may leave is the inert parasite area
     // of a blob that cured itself (rwxs, shared anonymous memory).

@@ -35,6 +35,9 @@ pub const CTL_MAGIC: u64 = 0x3153_4152_4150_4450;
 /// Protocol version; the host refuses a blob of another version.
 pub const PROTOCOL_VERSION: u32 = 3;
 
+/// The comm (`/proc/PID/comm`) of a copy-on-write snapshot.
+pub const SNAPSHOT_COMM: &str = "pdump-snapshot";
+
 /// Page size of the area layout.
 pub const PAGE: usize = 4096;
 /// Bytes reserved for the cure frame (an x86 AMX xstate is ~11 KiB).
@@ -166,6 +169,9 @@ pub struct Control {
     pub sync_wfd: AtomicI32,
     /// Snapshot's block: the highest fd to close one by one without `close_range`.
     pub close_max: AtomicI32,
+    /// Parasite's block: the snapshot's pid (task's namespace) once forked,
+    /// else 0. A parasite that cures itself (the dumper died) reaps it first.
+    pub snap_pid: AtomicI32,
 }
 
 /// The kernel's `struct sigaction` as `rt_sigaction` exchanges it.

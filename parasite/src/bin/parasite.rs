@@ -75,6 +75,17 @@ fn self_cure(ctl: &Control) -> ! {
         snapshot_exit(ctl, 0);
     }
     close_all(ctl);
+    // A snapshot exits at end of file on its command pipe, which we just
+    // closed (the dumper's end is gone): reap it, so nothing is left.
+    let snap = ctl.snap_pid.swap(0, SeqCst);
+    if snap > 0 {
+        loop {
+            let r = sys(nr::WAIT4, &[snap as u64, 0, WCLONE, 0]);
+            if r != -EINTR {
+                break;
+            }
+        }
+    }
     // SAFETY: the dumper wrote a complete rt_sigframe with the task's original
     // registers, xstate, mask and altstack at `cure_frame` before starting us.
     unsafe { sigreturn(ctl.cure_frame) }
@@ -353,8 +364,13 @@ fn do_fork(ctl: &Control, snap_addr: u64, stack_top: u64, close_max: u64) -> i64
         let e = snap.ret.load(Acquire) as i64;
         return if e < 0 { e } else { -ECHILD };
     }
+    ctl.snap_pid.store(pid as i32, SeqCst);
     pid
 }
+
+const PR_SET_NAME: u64 = 15;
+/// The snapshot's comm (`pdump_parasite::SNAPSHOT_COMM`, NUL-terminated).
+static SNAPSHOT_NAME: [u8; 15] = *b"pdump-snapshot\0";
 
 /// The snapshot's tid (set by the snapshot itself; the blob's statics are
 /// in the shared area, so this is how the panic handler tells the two apart).
@@ -423,6 +439,8 @@ extern "C" fn snapshot_main(arg: u64) -> ! {
     // Leave the task's session and process group: a SIGSTOP to the task's
     // group must not stop us (the task would get SIGCHLD for it).
     sys(nr::SETSID, &[]);
+    // A name to tell it by: a later dump reaps a snapshot whose dumper died.
+    sys(nr::PRCTL, &[PR_SET_NAME, SNAPSHOT_NAME.as_ptr() as u64]);
     ctl.state.store(state::SERVING, Release);
     ctl.sync_wfd.store(-1, SeqCst);
     sys(nr::CLOSE, &[sync as u64]);
