@@ -113,7 +113,7 @@
 //!   that all three actions are unchanged. `READY <pid>`; final
 //!   `OK alrm=<n> usr1=<n>`.
 //! * `cow [PAGES] [OPTS]` (default 1024; OPTS a comma list of `watchdog`,
-//!   `slow`): a writer for copy-on-write snapshot tests. Five mappings: a
+//!   `slow`, `private`): a writer for copy-on-write snapshot tests. Five mappings: a
 //!   1-page private header, and four regions of PAGES pages each: R0 private
 //!   anonymous, R1 `MAP_SHARED | MAP_ANONYMOUS`, R2 private with
 //!   `MADV_DONTFORK`, R3 private with `MADV_WIPEONFORK` (all
@@ -126,7 +126,8 @@
 //!   snapshot with cursor `C` holds in page `k`: generation
 //!   `C / (4*PAGES) + 1` if `k < C % (4*PAGES)`, the generation before that if
 //!   `k > C % (4*PAGES)`, and either of the two at `k == C % (4*PAGES)` (the
-//!   page being written). With `slow` it writes one page per millisecond.
+//!   page being written). With `slow` it writes one page per millisecond;
+//!   with `private` R1, R2 and R3 are plain private anonymous memory too.
 //!   A SIGCHLD handler counts signals; after every pass, and at the end, the
 //!   victim requires that no SIGCHLD arrived and that `waitpid(-1, WNOHANG)`
 //!   and `waitid(P_ALL, WEXITED | WSTOPPED | WCONTINUED | WNOHANG)` fail with
@@ -1843,6 +1844,7 @@ fn mode_cow(pages: usize, opts: &str) -> Result<String, String> {
     }
     let watchdog = opts.split(',').any(|o| o == "watchdog");
     let slow = opts.split(',').any(|o| o == "slow");
+    let private = opts.split(',').any(|o| o == "private");
     let common = common_init(0);
     install_handler(
         libc::SIGCHLD,
@@ -1850,12 +1852,21 @@ fn mode_cow(pages: usize, opts: &str) -> Result<String, String> {
         libc::SA_RESTART,
     );
     let header = cow_map(1, libc::MAP_PRIVATE, None)?;
-    let regions = [
-        cow_map(pages, libc::MAP_PRIVATE, None)?,
-        cow_map(pages, libc::MAP_SHARED, None)?,
-        cow_map(pages, libc::MAP_PRIVATE, Some(libc::MADV_DONTFORK))?,
-        cow_map(pages, libc::MAP_PRIVATE, Some(libc::MADV_WIPEONFORK))?,
-    ];
+    let regions = if private {
+        [
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+        ]
+    } else {
+        [
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+            cow_map(pages, libc::MAP_SHARED, None)?,
+            cow_map(pages, libc::MAP_PRIVATE, Some(libc::MADV_DONTFORK))?,
+            cow_map(pages, libc::MAP_PRIVATE, Some(libc::MADV_WIPEONFORK))?,
+        ]
+    };
     let total = 4 * pages as u64;
     let page_addr =
         |k: u64| regions[(k / pages as u64) as usize] + (k % pages as u64) as usize * PAGE;
@@ -1951,9 +1962,10 @@ fn mode_cow(pages: usize, opts: &str) -> Result<String, String> {
     }
     match maps_perms(regions[1]).as_deref() {
         Some("rw-s") => {}
+        Some("rw-p") if private => {}
         other => return Err(format!("cow: shared region has permissions {other:?}")),
     }
-    for (i, flag) in [(2, "dc"), (3, "wf")] {
+    for (i, flag) in [(2, "dc"), (3, "wf")].into_iter().filter(|_| !private) {
         let f = vm_flags(regions[i]).unwrap_or_default();
         if !f.split_whitespace().any(|x| x == flag) {
             return Err(format!("cow: region {i} lost VmFlag {flag} ({f})"));
@@ -4519,7 +4531,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: pdump-victim MODE [ARGS]\n\
          modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers\n       \
-         | tree SPEC | tree-preset NAME | clonevm | protnone | cow [PAGES] [watchdog,slow]"
+         | tree SPEC | tree-preset NAME | clonevm | protnone | cow [PAGES] [watchdog,slow,private]"
     );
     std::process::exit(2)
 }
