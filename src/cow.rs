@@ -573,12 +573,20 @@ pub fn capture(
         .page_pipes(1, pipe_size)
         .map_err(inf("creating page pipes"))?;
     let pipe = pipes.remove(0);
+    let t0 = Instant::now();
     let snapshot = parasite
         .fork_snapshot(max_fd)
         .map_err(inf("forking the snapshot"))?;
+    let forked = t0.elapsed();
     let ns_pid = snapshot.ns_pid();
     let spill_path = opts.dir.join(format!(".spill-{pid}"));
     let r = spill(parasite, pid, &pipe, vmas, &spill_path, opts);
+    log::debug!(
+        "pid {pid}: snapshot {} forked in {:.2} ms, spilled in {:.2} ms",
+        snapshot.pid(),
+        forked.as_secs_f64() * 1e3,
+        (t0.elapsed() - forked).as_secs_f64() * 1e3
+    );
     match r {
         Ok((spill, spilled)) => Ok(Pending {
             pid,
