@@ -130,19 +130,12 @@ impl std::fmt::Debug for Snapshot {
 /// `pid`, as a pid of the dumper's namespace.
 pub fn find_child(pid: i32, tid: i32, ns_pid: i32) -> std::io::Result<i32> {
     let list = std::fs::read_to_string(procfs::task_path(pid, tid, "children"))?;
+    let level = ns_level(pid)?;
     for c in list
         .split_whitespace()
         .filter_map(|w| w.parse::<i32>().ok())
     {
-        let Ok(st) = std::fs::read_to_string(procfs::proc_path(c, "status")) else {
-            continue;
-        };
-        let inner = st
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .and_then(|v| v.split_whitespace().last())
-            .and_then(|v| v.parse::<i32>().ok());
-        if inner == Some(ns_pid) {
+        if ns_pid_at(c, level) == Some(ns_pid) {
             return Ok(c);
         }
     }
@@ -150,6 +143,28 @@ pub fn find_child(pid: i32, tid: i32, ns_pid: i32) -> std::io::Result<i32> {
         std::io::ErrorKind::NotFound,
         format!("no child with pid {ns_pid} (in its namespace) under {pid}/{tid}"),
     ))
+}
+
+/// The `NSpid` entries of `pid` (its pid in our namespace first).
+fn ns_pids(pid: i32) -> Option<Vec<i32>> {
+    let st = std::fs::read_to_string(procfs::proc_path(pid, "status")).ok()?;
+    let l = st.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    l.split_whitespace().map(|v| v.parse().ok()).collect()
+}
+
+/// The index in `NSpid` of `pid`'s own pid namespace, where the pids its
+/// syscalls (clone, wait4, kill) use are read. Its children may live one
+/// namespace deeper (after `unshare(CLONE_NEWPID)`), so they are matched
+/// at this index, not by their last entry.
+fn ns_level(pid: i32) -> std::io::Result<usize> {
+    ns_pids(pid)
+        .and_then(|v| v.len().checked_sub(1))
+        .ok_or_else(|| std::io::Error::other(format!("no NSpid for {pid}")))
+}
+
+/// `pid`'s pid at namespace index `level` of `NSpid`.
+fn ns_pid_at(pid: i32, level: usize) -> Option<i32> {
+    ns_pids(pid)?.get(level).copied()
 }
 
 fn futex_wait(word: &std::sync::atomic::AtomicU32, val: u32, ms: u64) {
@@ -899,6 +914,9 @@ impl Drop for PendingSet {
 pub fn reap_leftovers(parasite: &mut Parasite<'_>, pid: i32) -> Result<usize, InfectError> {
     const WCLONE: u64 = 0x8000_0000;
     let mut n = 0;
+    let Ok(level) = ns_level(pid) else {
+        return Ok(0);
+    };
     for t in procfs::threads(pid).unwrap_or_default() {
         for c in procfs::children(pid, t).unwrap_or_default() {
             let Ok(st) = std::fs::read_to_string(procfs::proc_path(c, "stat")) else {
@@ -913,15 +931,7 @@ pub fn reap_leftovers(parasite: &mut Parasite<'_>, pid: i32) -> Result<usize, In
             {
                 continue;
             }
-            let Ok(status) = std::fs::read_to_string(procfs::proc_path(c, "status")) else {
-                continue;
-            };
-            let Some(ns_pid) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|v| v.split_whitespace().last())
-                .and_then(|v| v.parse::<i32>().ok())
-            else {
+            let Some(ns_pid) = ns_pid_at(c, level) else {
                 continue;
             };
             let r = parasite.syscall(
