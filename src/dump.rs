@@ -166,6 +166,17 @@ pub enum DumpError {
         #[source]
         source: crate::fdshare::ShareError,
     },
+    /// A step of the copy-on-write snapshot failed.
+    #[error("pid {pid}: {step}")]
+    Snapshot {
+        /// The process.
+        pid: i32,
+        /// Step.
+        step: &'static str,
+        /// Cause.
+        #[source]
+        source: crate::cow::SnapshotError,
+    },
     /// A dump worker thread died.
     #[error("dump worker {index} died")]
     Worker {
@@ -192,6 +203,10 @@ pub struct DumpOptions {
     pub container: Option<bool>,
     /// Worker threads (0: one per CPU, at least 2).
     pub workers: usize,
+    /// With `leave_running`: freeze only while the state is captured; a
+    /// copy-on-write snapshot (a fork of each process) is drained after the
+    /// tree runs again (see `crate::cow`). Ignored when the tree is killed.
+    pub cow: bool,
 }
 
 impl Default for DumpOptions {
@@ -203,6 +218,7 @@ impl Default for DumpOptions {
             batch_bytes: 64 << 20,
             container: None,
             workers: 0,
+            cow: true,
         }
     }
 }
@@ -240,6 +256,8 @@ fn ns(sec: i64, sub: i64, sub_per_sec: i64) -> u64 {
 struct ProcessDump {
     img: model::ProcessImage,
     child_subreaper: bool,
+    /// The copy-on-write snapshot still to drain.
+    cow: Option<crate::cow::Pending>,
 }
 
 enum Job {
@@ -401,8 +419,14 @@ impl Pool {
         }
     }
 
-    /// Dump every seized process in parallel.
-    fn dump(&self, order: &[i32]) -> Result<HashMap<i32, ProcessDump>> {
+    /// Dump every seized process in parallel. Snapshots of the processes
+    /// that were dumped go to `pending` even when another one failed, so
+    /// they are ended and reaped after the tree is released.
+    fn dump(
+        &self,
+        order: &[i32],
+        pending: &mut crate::cow::PendingSet,
+    ) -> Result<HashMap<i32, ProcessDump>> {
         for pid in order {
             self.send(self.owner[pid], Job::Dump(*pid))?;
         }
@@ -411,7 +435,10 @@ impl Pool {
         for _ in order {
             if let Reply::Dumped(pid, r) = self.recv()? {
                 match *r {
-                    Ok(d) => {
+                    Ok(mut d) => {
+                        if let Some(p) = d.cow.take() {
+                            pending.insert(pid, p);
+                        }
                         out.insert(pid, d);
                     }
                     Err(e) => {
@@ -490,6 +517,9 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary>
             .unwrap_or(2)
             .max(2)
     };
+    // Declared before the pool, so on an error it is dropped after it: the
+    // snapshots are reaped once the workers released the tree.
+    let mut pending = crate::cow::PendingSet::default();
     let mut pool = Pool::new(nworkers.min(tree.tasks.len().max(1)), opts);
 
     // Seize, re-collect, seize newcomers, until stable.
@@ -525,7 +555,7 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary>
             .map_err(|source| DumpError::Leaks { root, source })?;
     }
 
-    let mut dumps = pool.dump(&order)?;
+    let mut dumps = pool.dump(&order, &mut pending)?;
     let mut images: Vec<model::ProcessImage> = Vec::with_capacity(order.len());
     for pid in &order {
         let d = dumps.remove(pid).expect("every seized process was dumped");
@@ -546,6 +576,8 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary>
     pool.release(!opts.leave_running)?;
     let frozen = frozen_at.elapsed();
     drop(pool);
+    // Copy-on-write: the pages, from the snapshots, while the tree runs.
+    pending.drain(&mut images, &opts.dir, opts, nworkers)?;
 
     let mut summary = DumpSummary {
         pid: root,
@@ -693,6 +725,7 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     // Inside: the parasite.
     let inf = |step| move |source| DumpError::Infect { pid, step, source };
     let mut parasite = Parasite::infect(seized).map_err(inf("infecting"))?;
+    crate::cow::reap_leftovers(&mut parasite, pid).map_err(inf("reaping leftover snapshots"))?;
     let ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let misc = parasite.misc(&ids).map_err(inf("gathering signal state"))?;
     proc_img.sigactions = misc
@@ -744,7 +777,18 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     };
     thread_altstacks(seized, &mut parasite, &snapshots, &mut proc_img)?;
 
-    // Pages.
+    // Pages: now, or from a copy-on-write snapshot once the tree runs again.
+    if opts.leave_running && opts.cow {
+        let max_fd = proc_img.fds.iter().map(|f| f.fd).max().unwrap_or(0);
+        let pending = crate::cow::capture(seized, &mut parasite, &vmas, max_fd, opts)?;
+        proc_img.vmas = vmas;
+        parasite.cure().map_err(inf("curing"))?;
+        return Ok(ProcessDump {
+            img: proc_img,
+            child_subreaper,
+            cow: Some(pending),
+        });
+    }
     let (runs_bytes, _pages) = dump_pages(seized, &mut parasite, &mut vmas, &opts.dir, opts)?;
     proc_img.vmas = vmas;
     proc_img.pages_bytes = runs_bytes;
@@ -754,6 +798,7 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     Ok(ProcessDump {
         img: proc_img,
         child_subreaper,
+        cow: None,
     })
 }
 
@@ -817,13 +862,13 @@ fn thread_altstacks(
 /// anonymous copies only for private file mappings, every present page for
 /// the rest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PagePolicy {
+pub(crate) enum PagePolicy {
     None,
     Present,
     AnonOnly,
 }
 
-fn policy(v: &model::Vma) -> PagePolicy {
+pub(crate) fn policy(v: &model::Vma) -> PagePolicy {
     use model::VmaKind::*;
     if v.vm_flags
         .iter()
@@ -966,7 +1011,7 @@ fn dump_pages(
 /// Present pages of a private file mapping that are anonymous copies
 /// (written by the task), as runs: pagemap bit 63 (present) without bit 61
 /// (file page or shared anonymous).
-fn anon_ranges(pid: i32, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+pub(crate) fn anon_ranges(pid: i32, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
     let page = pdump_arch::PAGE_SIZE as u64;
@@ -992,14 +1037,14 @@ fn anon_ranges(pid: i32, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)
 }
 
 /// /proc/sys/fs/pipe-max-size (1 MiB if unreadable).
-fn pipe_max_size() -> usize {
+pub(crate) fn pipe_max_size() -> usize {
     std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1 << 20)
 }
 
-fn copy_unreadable(
+pub(crate) fn copy_unreadable(
     pid: i32,
     addr: u64,
     len: u64,
@@ -1023,7 +1068,7 @@ fn copy_unreadable(
 /// parasite fills the pipe. Stops early (returning the bytes moved) if the
 /// parasite's command finished and the pipe is empty, so a failed vmsplice
 /// can never hang the dumper.
-fn splice_exact(
+pub(crate) fn splice_exact(
     pipe: i32,
     file: i32,
     mut off: u64,
@@ -1088,7 +1133,7 @@ fn splice_exact(
 }
 
 /// Compute every run's CRC32C from the written pages file.
-fn checksum_runs(
+pub(crate) fn checksum_runs(
     dir: &Path,
     img: &mut model::ProcessImage,
 ) -> std::result::Result<(), image::ImageError> {

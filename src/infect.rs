@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use memmap2::MmapMut;
 use pdump_arch::native::syscall::nr;
 use pdump_arch::{AltStack, Arch, Native};
-use pdump_parasite::{cmd, state, Control, Layout, Misc, CTL_MAGIC, PROTOCOL_VERSION};
+use pdump_parasite::{cmd, role, state, Control, Layout, Misc, CTL_MAGIC, PROTOCOL_VERSION};
 
 use crate::blob::{Blob, PARASITE};
 use crate::ptrace::{PtraceError, Seized, Stop};
@@ -123,6 +123,17 @@ pub enum InfectError {
         /// errno
         #[source]
         source: nix::Error,
+    },
+    /// Taking over the copy-on-write snapshot failed.
+    #[error("pid {pid}: taking over its snapshot (pid {ns_pid} in its namespace)")]
+    Snapshot {
+        /// The process.
+        pid: i32,
+        /// The snapshot's pid in the process's pid namespace.
+        ns_pid: i32,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
     },
     /// The cure frame could not be built.
     #[error("pid {pid}: cannot build the cure frame ({what})")]
@@ -358,7 +369,7 @@ impl<'a> Parasite<'a> {
         let rt = guard.rt.take().expect("remote thread present");
         let regs = rt.regs_for_blob(
             area,
-            area + layout.size as u64,
+            area + layout.snap_stack_off as u64,
             area + layout.ctl_off as u64,
         );
         rt.into_blob(&regs)?;
@@ -380,7 +391,11 @@ impl<'a> Parasite<'a> {
     }
 
     fn write_control(&mut self) {
-        let off = self.layout.ctl_off;
+        self.write_control_at(self.layout.ctl_off, role::PARASITE);
+    }
+
+    /// Fill the control block at `off` for a blob of role `who`.
+    fn write_control_at(&mut self, off: usize, who: u32) {
         let size = std::mem::size_of::<Control>();
         self.local[off..off + size].fill(0);
         let area = self.area;
@@ -396,8 +411,13 @@ impl<'a> Parasite<'a> {
         ctl.cure_frame = area + layout.frame_off as u64;
         ctl.area_addr = area;
         ctl.area_size = layout.size as u64;
+        ctl.role = who;
+        ctl.data_addr = area + layout.data_off as u64;
         ctl.cmd_rfd.store(-1, SeqCst);
         ctl.cmd_wfd.store(-1, SeqCst);
+        ctl.snap_rfd.store(-1, SeqCst);
+        ctl.snap_wfd.store(-1, SeqCst);
+        ctl.sync_wfd.store(-1, SeqCst);
         for p in ctl.pipe_fds.iter() {
             p[0].store(-1, SeqCst);
             p[1].store(-1, SeqCst);
@@ -673,6 +693,80 @@ impl<'a> Parasite<'a> {
         self.post(cmd::VMSPLICE, &[pipe as u64, iovs.len() as u64])
     }
 
+    /// Fork a copy-on-write snapshot of the task (`cmd::FORK`): a child
+    /// process holding the task's memory as it is now, serving page commands
+    /// on its own control block. Call after [`Parasite::page_pipes`] (the
+    /// snapshot writes into the same pipes) and before the cure. `max_fd`
+    /// is the highest fd of the task (the child closes every inherited fd).
+    ///
+    /// On error nothing is left: a child that was created is killed and
+    /// reaped through the blob.
+    pub fn fork_snapshot(&mut self, max_fd: i32) -> Result<crate::cow::Snapshot> {
+        let pid = self.pid;
+        let snap_off = self.layout.snap_ctl_off;
+        self.write_control_at(snap_off, role::SNAPSHOT);
+        let snap_addr = self.area + snap_off as u64;
+        let stack_top = self.area + self.layout.size as u64;
+        let close_max = (max_fd.max(0) as u64) + 64;
+        let r = self.command(cmd::FORK, &[snap_addr, stack_top, close_max])?;
+        if r < 0 {
+            return Err(InfectError::Command {
+                pid,
+                what: "FORK",
+                source: errno_of(r),
+            });
+        }
+        let ns_pid = r as i32;
+        match self.adopt_snapshot(ns_pid) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                self.abort_snapshot(ns_pid);
+                Err(e)
+            }
+        }
+    }
+
+    fn adopt_snapshot(&mut self, ns_pid: i32) -> Result<crate::cow::Snapshot> {
+        let pid = self.pid;
+        let wfd = self.ctl().snap_wfd.load(SeqCst);
+        let pidfd = pidfd_open(pid).map_err(|source| InfectError::GetFd {
+            pid,
+            fd: -1,
+            source,
+        })?;
+        let w = pidfd_getfd(&pidfd, wfd).map_err(|source| InfectError::GetFd {
+            pid,
+            fd: wfd,
+            source,
+        })?;
+        let child = crate::cow::find_child(pid, self.tid, ns_pid).map_err(|source| {
+            InfectError::Snapshot {
+                pid,
+                ns_pid,
+                source,
+            }
+        })?;
+        let local = map_area(pid, self.area, self.layout.size)?;
+        crate::cow::Snapshot::new(pid, child, ns_pid, local, self.layout, File::from(w)).map_err(
+            |source| InfectError::Snapshot {
+                pid,
+                ns_pid,
+                source,
+            },
+        )
+    }
+
+    /// Kill the snapshot `ns_pid` and reap it through the blob (error paths
+    /// before the cure): nothing is left of it.
+    pub fn abort_snapshot(&mut self, ns_pid: i32) {
+        const WCLONE: u64 = 0x8000_0000;
+        self.ctl().snap_pid.store(0, SeqCst);
+        let _ = self.syscall(nr::KILL, &[ns_pid as u64, libc::SIGKILL as u64]);
+        if let Err(e) = self.syscall(nr::WAIT4, &[ns_pid as u64, 0, WCLONE, 0]) {
+            log::error!("pid {}: reaping its snapshot {ns_pid}: {e}", self.pid);
+        }
+    }
+
     /// Cure the task: it continues exactly as it was when seized (still
     /// seized: dropping the [`Seized`] lets it run).
     pub fn cure(mut self) -> Result<()> {
@@ -724,6 +818,8 @@ impl<'a> Parasite<'a> {
         let mut fds: Vec<i32> = vec![
             self.ctl().cmd_rfd.load(SeqCst),
             self.ctl().cmd_wfd.load(SeqCst),
+            self.ctl().snap_rfd.load(SeqCst),
+            self.ctl().snap_wfd.load(SeqCst),
         ];
         for p in self.ctl().pipe_fds.iter() {
             fds.push(p[0].load(SeqCst));
@@ -751,6 +847,18 @@ impl<'a> Parasite<'a> {
             g.release();
         }
         Ok(())
+    }
+}
+
+impl crate::cow::Splice for Parasite<'_> {
+    fn post_vmsplice(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32> {
+        Parasite::post_vmsplice(self, pipe, iovs)
+    }
+    fn poll_done(&self, seq: u32) -> bool {
+        Parasite::poll_done(self, seq)
+    }
+    fn wait_done(&self, seq: u32, command: u32) -> Result<i64> {
+        Parasite::wait_done(self, seq, command)
     }
 }
 
@@ -783,7 +891,7 @@ impl Drop for AreaGuard<'_> {
     }
 }
 
-fn map_area(pid: i32, area: u64, size: usize) -> Result<MmapMut> {
+pub(crate) fn map_area(pid: i32, area: u64, size: usize) -> Result<MmapMut> {
     let path = format!("/proc/{pid}/map_files/{:x}-{:x}", area, area + size as u64);
     let f = std::fs::OpenOptions::new()
         .read(true)

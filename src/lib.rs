@@ -55,6 +55,7 @@
 
 pub mod blob;
 pub mod check;
+pub mod cow;
 pub mod dump;
 pub mod elfcore;
 pub mod error;

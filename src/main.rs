@@ -42,6 +42,11 @@ enum Cmd {
         /// Dump worker threads (default: one per CPU, at least 2).
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// With --leave-running: keep the tree frozen while its pages are
+        /// written, instead of draining a copy-on-write snapshot (a fork of
+        /// each process) after it runs again.
+        #[arg(long)]
+        no_cow: bool,
     },
     /// Restore a dumped tree with the same pids; prints the root's pid.
     Restore {
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
                 container,
                 subtree,
                 workers,
+                no_cow,
             }),
         ) => {
             let container = match (container, subtree) {
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
                 leave_running,
                 container,
                 workers,
+                cow: !no_cow,
                 ..DumpOptions::default()
             };
             cli::dump(pid, dir, opts)

@@ -2,6 +2,7 @@
 //! are seized, infected, dumped. Tests that need root call
 //! `util::require_root` (skips loudly outside CI, never with CI=true).
 mod core;
+mod cow;
 mod dump;
 mod fault;
 mod golden;

@@ -7,10 +7,12 @@
 //! ```text
 //!   area + 0           blob: text, rodata, data, bss (relocated by the dumper)
 //!   area + ctl_off     Control: command slot, futex words, fds the blob holds
+//!   area + snap_ctl_off  the copy-on-write snapshot's Control (see cmd::FORK)
 //!   area + frame_off   the cure frame (rt_sigframe + full xstate) the blob
 //!                      returns through when the dumper dies
 //!   area + data_off    data buffer: iovecs in, gathered state out
-//!   area + stack_off   the blob's stack (grows down from area + size)
+//!   area + stack_off   the blob's stack (grows down from area + snap_stack_off)
+//!   area + snap_stack_off  the snapshot's stack (grows down from area + size)
 //! ```
 //!
 //! Commands: the dumper fills [`Control::cmd`] and [`Control::args`], bumps
@@ -31,7 +33,10 @@ pub mod restore;
 /// "PDPARAS1"
 pub const CTL_MAGIC: u64 = 0x3153_4152_4150_4450;
 /// Protocol version; the host refuses a blob of another version.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// The comm (`/proc/PID/comm`) of a copy-on-write snapshot.
+pub const SNAPSHOT_COMM: &str = "pdump-snapshot";
 
 /// Page size of the area layout.
 pub const PAGE: usize = 4096;
@@ -64,6 +69,15 @@ pub mod state {
     pub const SELF_CURE: u32 = 4;
 }
 
+/// Who serves a control block, in [`Control::role`].
+pub mod role {
+    /// The parasite in the task: when the dumper dies it cures the task.
+    pub const PARASITE: u32 = 0;
+    /// The copy-on-write snapshot (a fork of the task, see [`crate::cmd::FORK`]):
+    /// when the dumper dies it exits. It never returns into the task's code.
+    pub const SNAPSHOT: u32 = 1;
+}
+
 /// Commands.
 pub mod cmd {
     /// Do nothing; answers with 0 (liveness check).
@@ -80,6 +94,23 @@ pub mod cmd {
     /// Close every fd the blob holds, answer, then wait on the guard until the
     /// dumper stops the task (or cure it alone if the dumper dies).
     pub const FINI: u32 = 5;
+    /// Fork a copy-on-write snapshot of the task. `args[0]`: address of the
+    /// snapshot's control block (filled by the dumper, role
+    /// [`crate::role::SNAPSHOT`]); `args[1]`: the top of its stack; `args[2]`:
+    /// the highest fd number the child closes one by one if `close_range` is
+    /// refused. The blob creates the snapshot's command pipe (both ends in
+    /// [`Control::snap_rfd`]/[`Control::snap_wfd`], the dumper takes the write
+    /// end) and a sync pipe, and forks with exit signal 0 (no SIGCHLD, not
+    /// seen by `wait()` without `__WALL`). The child closes every fd it
+    /// inherited but its command pipe, the page pipes' write ends and the
+    /// sync pipe, leaves the task's session (`setsid`), publishes
+    /// `state = SERVING` and closes the sync pipe last; the blob waits for
+    /// that end of file, so the task never runs while the child still holds
+    /// one of its files. The result is the child's pid in the task's pid
+    /// namespace, or -errno (a child that failed was already reaped).
+    /// The snapshot then serves NOP, VMSPLICE and FINI (it exits) on its own
+    /// control block and exits at end of file on its command pipe.
+    pub const FORK: u32 = 6;
 }
 
 /// The control block at `area + ctl_off`.
@@ -124,6 +155,23 @@ pub struct Control {
     pub pipe_fds: [[AtomicI32; 2]; MAX_PIPES],
     /// Number of page pipes.
     pub npipes: AtomicU32,
+    /// [`role`] of whoever serves this block.
+    pub role: u32,
+    /// Padding.
+    pub _pad: u32,
+    /// Address (in the task) of the data buffer this block's commands use.
+    pub data_addr: u64,
+    /// The snapshot's command pipe (parasite's block): read end, until FINI.
+    pub snap_rfd: AtomicI32,
+    /// The snapshot's command pipe (parasite's block): write end, until FINI.
+    pub snap_wfd: AtomicI32,
+    /// Snapshot's block: the write end of the sync pipe it closes when ready.
+    pub sync_wfd: AtomicI32,
+    /// Snapshot's block: the highest fd to close one by one without `close_range`.
+    pub close_max: AtomicI32,
+    /// Parasite's block: the snapshot's pid (task's namespace) once forked,
+    /// else 0. A parasite that cures itself (the dumper died) reaps it first.
+    pub snap_pid: AtomicI32,
 }
 
 /// The kernel's `struct sigaction` as `rt_sigaction` exchanges it.
@@ -184,12 +232,16 @@ pub struct Misc {
 pub struct Layout {
     /// Offset of [`Control`].
     pub ctl_off: usize,
+    /// Offset of the copy-on-write snapshot's [`Control`].
+    pub snap_ctl_off: usize,
     /// Offset of the cure frame.
     pub frame_off: usize,
     /// Offset of the data buffer.
     pub data_off: usize,
     /// Offset of the stack's lowest byte.
     pub stack_off: usize,
+    /// Offset of the snapshot's stack's lowest byte (its top is `size`).
+    pub snap_stack_off: usize,
     /// Total size of the area.
     pub size: usize,
 }
@@ -202,15 +254,19 @@ impl Layout {
     /// The layout for a blob whose loaded image (with bss) is `blob_len` bytes.
     pub const fn new(blob_len: usize) -> Layout {
         let ctl_off = page_up(blob_len);
-        let frame_off = ctl_off + page_up(core::mem::size_of::<Control>());
+        let snap_ctl_off = ctl_off + page_up(core::mem::size_of::<Control>());
+        let frame_off = snap_ctl_off + page_up(core::mem::size_of::<Control>());
         let data_off = frame_off + FRAME_BYTES;
         let stack_off = data_off + DATA_BYTES;
-        let size = stack_off + STACK_BYTES;
+        let snap_stack_off = stack_off + STACK_BYTES;
+        let size = snap_stack_off + STACK_BYTES;
         Layout {
             ctl_off,
+            snap_ctl_off,
             frame_off,
             data_off,
             stack_off,
+            snap_stack_off,
             size,
         }
     }

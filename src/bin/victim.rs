@@ -125,6 +125,32 @@
 //!   `READY <pid> <N> <global_addr_hex> <heap_addr_hex>`. On SIGTERM it
 //!   releases and joins the threads and checks their stack patterns, the
 //!   global, the heap block and the signal state. Final `OK threads=<N>`.
+//! * `cow [PAGES] [OPTS]` (default 1024; OPTS a comma list of `watchdog`,
+//!   `slow`, `private`): a writer for copy-on-write snapshot tests. Five mappings: a
+//!   1-page private header, and four regions of PAGES pages each: R0 private
+//!   anonymous, R1 `MAP_SHARED | MAP_ANONYMOUS`, R2 private with
+//!   `MADV_DONTFORK`, R3 private with `MADV_WIPEONFORK` (all
+//!   `MADV_NOHUGEPAGE`). Global page `k` (0..4*PAGES) is page `k % PAGES` of
+//!   region `k / PAGES`. Generation `g` of page `k` is [`cow_word`]`(g, k, j)`
+//!   in word `j` (word 0 is `g`, word 1 is `k`). Setup writes generation 0
+//!   everywhere; then the main thread writes, for `c = 0, 1, 2, ...`, page
+//!   `c % (4*PAGES)` with generation `c / (4*PAGES) + 1` and only then stores
+//!   `c + 1` into header word 0 (the cursor; header word 1 is PAGES). So a
+//!   snapshot with cursor `C` holds in page `k`: generation
+//!   `C / (4*PAGES) + 1` if `k < C % (4*PAGES)`, the generation before that if
+//!   `k > C % (4*PAGES)`, and either of the two at `k == C % (4*PAGES)` (the
+//!   page being written). With `slow` it writes one page per millisecond;
+//!   with `private` R1, R2 and R3 are plain private anonymous memory too.
+//!   A SIGCHLD handler counts signals; after every pass, and at the end, the
+//!   victim requires that no SIGCHLD arrived and that `waitpid(-1, WNOHANG)`
+//!   and `waitid(P_ALL, WEXITED | WSTOPPED | WCONTINUED | WNOHANG)` fail with
+//!   ECHILD (it has no children). With `watchdog` a second thread (SIGTERM
+//!   blocked) ticks every 100 µs (`clock_nanosleep`) and records the longest
+//!   gap between two ticks (a stop of the process shows up as one).
+//!   `READY <pid> <header_hex> <r0_hex> <r1_hex> <r2_hex> <r3_hex> <PAGES>`;
+//!   on SIGTERM it stops writing, checks every page against the cursor, that
+//!   R1 is still shared and R2/R3 still carry `dc`/`wf` in smaps, and prints
+//!   `OK cursor=<C> maxgap_us=<longest gap, 0 without watchdog>`.
 //! * `tree SPEC` / `tree-preset NAME`: a whole process tree built from a
 //!   compact spec, every member alive and self-checking; see
 //!   [Process trees](#process-trees-tree-and-tree-preset) below.
@@ -1732,6 +1758,242 @@ fn mode_pattern(pages: usize, seed: u64) -> Result<String, String> {
     }
     common.verify()?;
     Ok(format!("OK pages={pages}"))
+}
+
+// ---------------------------------------------------------------------------
+// cow
+// ---------------------------------------------------------------------------
+
+/// Word `j` of global page `k` at generation `g` in `cow` mode.
+pub fn cow_word(g: u64, k: u64, j: u64) -> u64 {
+    match j {
+        0 => g,
+        1 => k,
+        _ => splitmix64((g << 40) ^ (k << 9) ^ j),
+    }
+}
+
+static COW_SIGCHLD: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn cow_on_chld(_sig: c_int) {
+    COW_SIGCHLD.fetch_add(1, Ordering::SeqCst);
+}
+
+/// No SIGCHLD so far, and wait() sees no child.
+fn cow_no_children(when: &str) -> Result<(), String> {
+    let n = COW_SIGCHLD.load(Ordering::SeqCst);
+    if n != 0 {
+        return Err(format!("cow: {n} SIGCHLD {when}"));
+    }
+    // SAFETY: waitpid with a null status pointer.
+    let r = unsafe { libc::waitpid(-1, null_mut(), libc::WNOHANG) };
+    if r != -1 || errno().raw_os_error() != Some(libc::ECHILD) {
+        return Err(format!(
+            "cow: waitpid(-1) returned {r} ({}) {when}",
+            errno()
+        ));
+    }
+    // SAFETY: waitid into a zeroed local siginfo.
+    let mut si: libc::siginfo_t = unsafe { zeroed() };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut si,
+            libc::WEXITED | libc::WSTOPPED | libc::WCONTINUED | libc::WNOHANG,
+        )
+    };
+    if r != -1 || errno().raw_os_error() != Some(libc::ECHILD) {
+        return Err(format!(
+            "cow: waitid(P_ALL) returned {r} ({}) {when}",
+            errno()
+        ));
+    }
+    Ok(())
+}
+
+fn cow_map(pages: usize, flags: c_int, advice: Option<c_int>) -> Result<usize, String> {
+    // SAFETY: a fresh anonymous mapping, used through raw pointers only.
+    unsafe {
+        let p = libc::mmap(
+            null_mut(),
+            pages * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(format!("cow: mmap: {}", errno()));
+        }
+        if libc::madvise(p, pages * PAGE, libc::MADV_NOHUGEPAGE) != 0 {
+            return Err(format!("cow: madvise(NOHUGEPAGE): {}", errno()));
+        }
+        if let Some(a) = advice {
+            if libc::madvise(p, pages * PAGE, a) != 0 {
+                return Err(format!("cow: madvise({a}): {}", errno()));
+            }
+        }
+        Ok(p as usize)
+    }
+}
+
+/// The VmFlags of the smaps entry starting at `addr`.
+fn vm_flags(addr: usize) -> Option<String> {
+    let s = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let head = format!("{addr:x}-");
+    let mut inside = false;
+    for l in s.lines() {
+        if l.starts_with(&head) {
+            inside = true;
+        } else if inside {
+            if let Some(f) = l.strip_prefix("VmFlags:") {
+                return Some(f.trim().to_string());
+            }
+        }
+    }
+    None
+}
+
+fn mode_cow(pages: usize, opts: &str) -> Result<String, String> {
+    if pages == 0 {
+        return Err("cow: PAGES must be at least 1".into());
+    }
+    let watchdog = opts.split(',').any(|o| o == "watchdog");
+    let slow = opts.split(',').any(|o| o == "slow");
+    let private = opts.split(',').any(|o| o == "private");
+    let common = common_init(0);
+    install_handler(
+        libc::SIGCHLD,
+        cow_on_chld as *const () as usize,
+        libc::SA_RESTART,
+    );
+    let header = cow_map(1, libc::MAP_PRIVATE, None)?;
+    let regions = if private {
+        [
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+        ]
+    } else {
+        [
+            cow_map(pages, libc::MAP_PRIVATE, None)?,
+            cow_map(pages, libc::MAP_SHARED, None)?,
+            cow_map(pages, libc::MAP_PRIVATE, Some(libc::MADV_DONTFORK))?,
+            cow_map(pages, libc::MAP_PRIVATE, Some(libc::MADV_WIPEONFORK))?,
+        ]
+    };
+    let total = 4 * pages as u64;
+    let page_addr =
+        |k: u64| regions[(k / pages as u64) as usize] + (k % pages as u64) as usize * PAGE;
+    let write_page = |k: u64, g: u64| {
+        let p = page_addr(k) as *mut u64;
+        for j in (0..512u64).rev() {
+            // SAFETY: inside one of our read-write mappings.
+            unsafe { write_volatile(p.add(j as usize), cow_word(g, k, j)) };
+        }
+    };
+    let cursor = header as *mut u64;
+    for k in 0..total {
+        write_page(k, 0);
+    }
+    // SAFETY: the header mapping is ours.
+    unsafe {
+        write_volatile(cursor, 0);
+        write_volatile(cursor.add(1), pages as u64);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let maxgap = Arc::new(AtomicU64::new(0));
+    let dog = if watchdog {
+        let (stop, maxgap) = (stop.clone(), maxgap.clone());
+        set_mask(common.mask | sigbit(libc::SIGTERM) | sigbit(libc::SIGCHLD));
+        let h = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000,
+                };
+                let mut last = monotonic_ns();
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: a relative sleep with a local timespec.
+                    unsafe { libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, null_mut()) };
+                    let now = monotonic_ns();
+                    let gap = (now - last) as u64;
+                    maxgap.fetch_max(gap, Ordering::Relaxed);
+                    last = now;
+                }
+            })
+            .map_err(|e| format!("cow: spawn: {e}"))?;
+        set_mask(common.mask);
+        Some(h)
+    } else {
+        None
+    };
+    emit(&format!(
+        "READY {} {:#x} {:#x} {:#x} {:#x} {:#x} {}",
+        getpid(),
+        header,
+        regions[0],
+        regions[1],
+        regions[2],
+        regions[3],
+        pages
+    ));
+    let mut c = 0u64;
+    while !term_requested() {
+        let k = c % total;
+        write_page(k, c / total + 1);
+        c += 1;
+        // SAFETY: the header mapping is ours.
+        unsafe { std::ptr::write_volatile(cursor, c) };
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        if k == total - 1 {
+            cow_no_children("during the run")?;
+        }
+        if slow {
+            nap(1);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(h) = dog {
+        h.join().map_err(|_| "cow: watchdog panicked".to_string())?;
+    }
+    // Every page as the cursor says (no page is being written now).
+    let full = c / total;
+    let rem = c % total;
+    for k in 0..total {
+        let g = if k < rem { full + 1 } else { full };
+        let p = page_addr(k) as *const u64;
+        for j in 0..512u64 {
+            // SAFETY: inside one of our mappings.
+            let v = unsafe { read_volatile(p.add(j as usize)) };
+            if v != cow_word(g, k, j) {
+                return Err(format!(
+                    "cow: page {k} word {j} is {v:#x}, expected {:#x} (generation {g}, cursor {c})",
+                    cow_word(g, k, j)
+                ));
+            }
+        }
+    }
+    match maps_perms(regions[1]).as_deref() {
+        Some("rw-s") => {}
+        Some("rw-p") if private => {}
+        other => return Err(format!("cow: shared region has permissions {other:?}")),
+    }
+    for (i, flag) in [(2, "dc"), (3, "wf")].into_iter().filter(|_| !private) {
+        let f = vm_flags(regions[i]).unwrap_or_default();
+        if !f.split_whitespace().any(|x| x == flag) {
+            return Err(format!("cow: region {i} lost VmFlag {flag} ({f})"));
+        }
+    }
+    cow_no_children("at the end")?;
+    common.verify()?;
+    Ok(format!(
+        "OK cursor={c} maxgap_us={}",
+        maxgap.load(Ordering::Relaxed) / 1000
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -4459,7 +4721,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: pdump-victim MODE [ARGS]\n\
          modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers\n       \
-         | tree SPEC | tree-preset NAME | clonevm | protnone | core [N]"
+         | tree SPEC | tree-preset NAME | clonevm | protnone | core [N] | cow [PAGES] [watchdog,slow,private]"
     );
     std::process::exit(2)
 }
@@ -4485,6 +4747,10 @@ fn main() {
         "clonevm" => mode_clonevm(),
         "protnone" => mode_protnone(),
         "core" => mode_core(parse_num(args.get(2), 3, "N") as usize),
+        "cow" => mode_cow(
+            parse_num(args.get(2), 1024, "PAGES") as usize,
+            args.get(3).map(String::as_str).unwrap_or(""),
+        ),
         _ => usage(),
     };
     match res {

@@ -34,6 +34,9 @@ pub mod nr {
     pub const VMSPLICE: u64 = 75;
     pub const PIPE2: u64 = 59;
     pub const PIDFD_OPEN: u64 = 434;
+    pub const CLONE: u64 = 220;
+    pub const WAIT4: u64 = 260;
+    pub const SETSID: u64 = 157;
     pub const PREAD64: u64 = 67;
     pub const SETITIMER: u64 = 103;
     pub const SETGROUPS: u64 = 159;
@@ -163,4 +166,39 @@ pub fn set_tls(tls: [u64; 2]) -> i64 {
     // SAFETY: writing tpidr_el0 changes only this thread's thread pointer.
     unsafe { core::arch::asm!("msr tpidr_el0, {}", in(reg) tls[0]) };
     0
+}
+
+/// Fork the calling task onto a fresh stack: `clone(0, stack_top)`, which is
+/// `fork()` with exit signal 0 (the parent gets no SIGCHLD, and `wait()`
+/// without `__WALL`/`__WCLONE` never sees the child). The child starts with
+/// `sp = stack_top` and calls `entry(arg)`; the parent gets the child's pid
+/// (in its own pid namespace) or `-errno`.
+///
+/// # Safety
+/// `stack_top` must be the 16-byte aligned top of memory that nothing but the
+/// child uses as a stack, and `entry` must never return.
+#[inline(always)]
+pub unsafe fn fork_onto(stack_top: u64, entry: extern "C" fn(u64) -> !, arg: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: in the parent `svc #0` clobbers x0 only. The child continues
+    // at the next instruction with x0 = 0 and sp = stack_top (the caller
+    // vouches for that stack); it never returns into this function's frame:
+    // it calls `entry`, which does not return.
+    unsafe {
+        core::arch::asm!(
+            "svc #0",
+            "cbnz x0, 2f",
+            "mov x29, xzr",
+            "mov x0, x20",
+            "blr x21",
+            "brk #2",
+            "2:",
+            in("x8") nr::CLONE,
+            inlateout("x0") 0i64 => ret,
+            in("x1") stack_top, in("x2") 0u64, in("x3") 0u64, in("x4") 0u64,
+            in("x20") arg, in("x21") entry as usize as u64,
+            options(nostack),
+        );
+    }
+    ret
 }

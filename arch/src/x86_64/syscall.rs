@@ -35,6 +35,9 @@ pub mod nr {
     pub const VMSPLICE: u64 = 278;
     pub const PIPE2: u64 = 293;
     pub const PIDFD_OPEN: u64 = 434;
+    pub const CLONE: u64 = 56;
+    pub const WAIT4: u64 = 61;
+    pub const SETSID: u64 = 112;
     pub const PREAD64: u64 = 17;
     pub const SETITIMER: u64 = 38;
     pub const SETGROUPS: u64 = 116;
@@ -166,4 +169,41 @@ pub fn set_tls(tls: [u64; 2]) -> i64 {
     }
     // SAFETY: as above.
     unsafe { syscall6(nr::ARCH_PRCTL, [ARCH_SET_GS, tls[1], 0, 0, 0, 0]) }
+}
+
+/// Fork the calling task onto a fresh stack: `clone(0, stack_top)`, which is
+/// `fork()` with exit signal 0 (the parent gets no SIGCHLD, and `wait()`
+/// without `__WALL`/`__WCLONE` never sees the child). The child starts with
+/// `rsp = stack_top` and calls `entry(arg)`; the parent gets the child's pid
+/// (in its own pid namespace) or `-errno`.
+///
+/// # Safety
+/// `stack_top` must be the 16-byte aligned top of memory that nothing but the
+/// child uses as a stack, and `entry` must never return.
+#[inline(always)]
+pub unsafe fn fork_onto(stack_top: u64, entry: extern "C" fn(u64) -> !, arg: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: in the parent the `syscall` clobbers rcx and r11 only. The
+    // child continues at the next instruction with rax = 0 and rsp =
+    // stack_top (the caller vouches for that stack); it never returns into
+    // this function's frame: it calls `entry`, which does not return.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") nr::CLONE as i64 => ret,
+            in("rdi") 0u64, in("rsi") stack_top, in("rdx") 0u64,
+            in("r10") 0u64, in("r8") 0u64,
+            in("r12") arg, in("r13") entry as usize as u64,
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
 }

@@ -9,8 +9,10 @@
 use core::sync::atomic::AtomicU64;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
-use pdump_arch::native::syscall::{nr, sigreturn, syscall6};
-use pdump_parasite::{cmd, state, Control, Layout, Misc, TimerVal, MAX_PIPES};
+use core::sync::atomic::AtomicI32;
+
+use pdump_arch::native::syscall::{fork_onto, nr, sigreturn, syscall6};
+use pdump_parasite::{cmd, role, state, Control, Misc, TimerVal, CTL_MAGIC, MAX_PIPES};
 
 pdump_arch::blob_entry!(blob_main);
 
@@ -38,7 +40,13 @@ fn wake(word: &core::sync::atomic::AtomicU32) {
 
 /// Close every fd the blob still holds.
 fn close_all(ctl: &Control) {
-    for fd in [&ctl.cmd_rfd, &ctl.cmd_wfd] {
+    for fd in [
+        &ctl.cmd_rfd,
+        &ctl.cmd_wfd,
+        &ctl.snap_rfd,
+        &ctl.snap_wfd,
+        &ctl.sync_wfd,
+    ] {
         let f = fd.swap(-1, SeqCst);
         if f >= 0 {
             sys(nr::CLOSE, &[f as u64]);
@@ -60,18 +68,31 @@ fn close_pipes(ctl: &Control) {
 }
 
 /// The dumper is gone: close our fds and return into the task's own state.
+/// The snapshot (a fork of the task) exits instead: it never runs task code.
 fn self_cure(ctl: &Control) -> ! {
     ctl.state.store(state::SELF_CURE, SeqCst);
+    if ctl.role != role::PARASITE {
+        snapshot_exit(ctl, 0);
+    }
     close_all(ctl);
+    // A snapshot exits at end of file on its command pipe, which we just
+    // closed (the dumper's end is gone): reap it, so nothing is left.
+    let snap = ctl.snap_pid.swap(0, SeqCst);
+    if snap > 0 {
+        loop {
+            let r = sys(nr::WAIT4, &[snap as u64, 0, WCLONE, 0]);
+            if r != -EINTR {
+                break;
+            }
+        }
+    }
     // SAFETY: the dumper wrote a complete rt_sigframe with the task's original
     // registers, xstate, mask and altstack at `cure_frame` before starting us.
     unsafe { sigreturn(ctl.cure_frame) }
 }
 
 fn data<T>(ctl: &Control) -> *mut T {
-    let l = Layout::new((ctl as *const Control as u64 - ctl.area_addr) as usize);
-    debug_assert!(l.ctl_off as u64 == ctl as *const Control as u64 - ctl.area_addr);
-    (ctl.area_addr + l.data_off as u64) as *mut T
+    ctl.data_addr as *mut T
 }
 
 fn do_misc(ctl: &Control) -> i64 {
@@ -268,6 +289,197 @@ fn do_vmsplice(ctl: &Control, pipe: u64, niov: u64) -> i64 {
     total
 }
 
+const WCLONE: u64 = 0x8000_0000;
+const EINVAL: i64 = 22;
+const ECHILD: i64 = 10;
+
+/// `cmd::FORK`: fork the copy-on-write snapshot (see the protocol crate).
+fn do_fork(ctl: &Control, snap_addr: u64, stack_top: u64, close_max: u64) -> i64 {
+    let off = snap_addr.wrapping_sub(ctl.area_addr);
+    let size = core::mem::size_of::<Control>() as u64;
+    if off >= ctl.area_size
+        || off + size > ctl.area_size
+        || snap_addr % 8 != 0
+        || stack_top % 16 != 0
+        || stack_top <= ctl.area_addr
+        || stack_top > ctl.area_addr + ctl.area_size
+    {
+        return -EINVAL;
+    }
+    // SAFETY: checked above to lie inside the shared area, aligned; Control
+    // is atomics and plain words, valid for any bit pattern.
+    let snap: &Control = unsafe { &*(snap_addr as *const Control) };
+    if snap.magic != CTL_MAGIC || snap.role != role::SNAPSHOT {
+        return -EINVAL;
+    }
+    if ctl.snap_rfd.load(SeqCst) >= 0 || ctl.snap_wfd.load(SeqCst) >= 0 {
+        return -EINVAL; // one snapshot per infection
+    }
+    let mut c = [0i32; 2];
+    let r = sys(nr::PIPE2, &[c.as_mut_ptr() as u64, O_CLOEXEC]);
+    if r < 0 {
+        return r;
+    }
+    ctl.snap_rfd.store(c[0], SeqCst);
+    ctl.snap_wfd.store(c[1], SeqCst);
+    let mut sync = [0i32; 2];
+    let r = sys(nr::PIPE2, &[sync.as_mut_ptr() as u64, O_CLOEXEC]);
+    if r < 0 {
+        return r;
+    }
+    snap.cmd_rfd.store(c[0], SeqCst);
+    snap.sync_wfd.store(sync[1], SeqCst);
+    snap.close_max
+        .store(close_max.min(i32::MAX as u64) as i32, SeqCst);
+    let n = ctl.npipes.load(SeqCst);
+    for i in 0..(n as usize).min(MAX_PIPES) {
+        snap.pipe_fds[i][0].store(-1, SeqCst);
+        snap.pipe_fds[i][1].store(ctl.pipe_fds[i][1].load(SeqCst), SeqCst);
+    }
+    snap.npipes.store(n, SeqCst);
+    snap.state.store(state::LOADED, SeqCst);
+    snap.ret.store(0, SeqCst);
+    // SAFETY: the snapshot's stack lies in the shared area (checked above),
+    // nothing else uses it, and `snapshot_main` never returns.
+    let pid = unsafe { fork_onto(stack_top, snapshot_main, snap_addr) };
+    sys(nr::CLOSE, &[sync[1] as u64]);
+    if pid < 0 {
+        sys(nr::CLOSE, &[sync[0] as u64]);
+        return pid;
+    }
+    // End of file once the child has closed everything it inherited (it
+    // closes the sync pipe last) or died.
+    let mut b = 0u8;
+    loop {
+        let r = sys(nr::READ, &[sync[0] as u64, &mut b as *mut u8 as u64, 1]);
+        if r == -EINTR || r > 0 {
+            continue;
+        }
+        break;
+    }
+    sys(nr::CLOSE, &[sync[0] as u64]);
+    if snap.state.load(Acquire) != state::SERVING {
+        // It failed before serving: reap it, so nothing is left behind.
+        sys(nr::WAIT4, &[pid as u64, 0, WCLONE, 0]);
+        let e = snap.ret.load(Acquire) as i64;
+        return if e < 0 { e } else { -ECHILD };
+    }
+    ctl.snap_pid.store(pid as i32, SeqCst);
+    pid
+}
+
+const PR_SET_NAME: u64 = 15;
+/// The snapshot's comm (`pdump_parasite::SNAPSHOT_COMM`, NUL-terminated).
+static SNAPSHOT_NAME: [u8; 15] = *b"pdump-snapshot\0";
+
+/// The snapshot's tid (set by the snapshot itself; the blob's statics are
+/// in the shared area, so this is how the panic handler tells the two apart).
+static SNAPSHOT_TID: AtomicI32 = AtomicI32::new(0);
+
+fn snapshot_exit(ctl: &Control, code: i64) -> ! {
+    if code < 0 {
+        ctl.ret.store(code as u64, SeqCst);
+    }
+    loop {
+        sys(nr::EXIT_GROUP, &[0]);
+    }
+}
+
+/// Close every fd in `lo..=hi`: `close_range`, or one by one up to `max`
+/// when it is refused (an old kernel or a seccomp filter).
+fn close_gap(lo: i64, hi: i64, max: i64) {
+    if lo > hi {
+        return;
+    }
+    if sys(nr::CLOSE_RANGE, &[lo as u64, hi as u64, 0]) == 0 {
+        return;
+    }
+    let mut fd = lo;
+    while fd <= hi.min(max) {
+        sys(nr::CLOSE, &[fd as u64]);
+        fd += 1;
+    }
+}
+
+/// The copy-on-write snapshot: a fork of the task, entered on its own stack
+/// with its own control block. It never returns into the task's code.
+extern "C" fn snapshot_main(arg: u64) -> ! {
+    // SAFETY: the parent passes the address of the snapshot's control block
+    // inside the shared area, which this process keeps mapped until it exits.
+    let ctl: &Control = unsafe { &*(arg as *const Control) };
+    SNAPSHOT_TID.store(sys(nr::GETTID, &[]) as i32, SeqCst);
+    // Drop every file of the task: holding one would change what the task
+    // sees (a pipe that never reports EOF, a lock never released).
+    let sync = ctl.sync_wfd.load(SeqCst);
+    let mut keep = [-1i64; 2 + MAX_PIPES];
+    keep[0] = ctl.cmd_rfd.load(SeqCst) as i64;
+    keep[1] = sync as i64;
+    let n = (ctl.npipes.load(SeqCst) as usize).min(MAX_PIPES);
+    for i in 0..n {
+        keep[2 + i] = ctl.pipe_fds[i][1].load(SeqCst) as i64;
+    }
+    // Insertion sort (no allocation, at most 18 entries).
+    for i in 1..keep.len() {
+        let mut j = i;
+        while j > 0 && keep[j - 1] > keep[j] {
+            keep.swap(j - 1, j);
+            j -= 1;
+        }
+    }
+    let max = ctl.close_max.load(SeqCst) as i64;
+    let mut lo = 0i64;
+    for &k in keep.iter() {
+        if k < 0 {
+            continue;
+        }
+        close_gap(lo, k - 1, max);
+        lo = k + 1;
+    }
+    close_gap(lo, u32::MAX as i64, max);
+    // Leave the task's session and process group: a SIGSTOP to the task's
+    // group must not stop us (the task would get SIGCHLD for it).
+    sys(nr::SETSID, &[]);
+    // A name to tell it by: a later dump reaps a snapshot whose dumper died.
+    sys(nr::PRCTL, &[PR_SET_NAME, SNAPSHOT_NAME.as_ptr() as u64]);
+    ctl.state.store(state::SERVING, Release);
+    ctl.sync_wfd.store(-1, SeqCst);
+    sys(nr::CLOSE, &[sync as u64]);
+
+    loop {
+        let mut b = 0u8;
+        let r = sys(
+            nr::READ,
+            &[
+                ctl.cmd_rfd.load(Relaxed) as u64,
+                &mut b as *mut u8 as u64,
+                1,
+            ],
+        );
+        if r == -EINTR {
+            continue;
+        }
+        if r <= 0 {
+            snapshot_exit(ctl, 0); // EOF: the dumper is done or died
+        }
+        let seq = ctl.cmd_seq.load(Acquire);
+        let a = |i: usize| ctl.args[i].load(Relaxed);
+        let ret = match ctl.cmd.load(Acquire) {
+            cmd::NOP => 0,
+            cmd::VMSPLICE => do_vmsplice(ctl, a(0), a(1)),
+            cmd::FINI => {
+                ctl.ret.store(0, Relaxed);
+                ctl.done_seq.store(seq, Release);
+                wake(&ctl.done_seq);
+                snapshot_exit(ctl, 0);
+            }
+            _ => -38, // ENOSYS
+        };
+        ctl.ret.store(ret as u64, Relaxed);
+        ctl.done_seq.store(seq, Release);
+        wake(&ctl.done_seq);
+    }
+}
+
 /// The blob's main function, entered from the arch trampoline with the
 /// control block's address.
 #[no_mangle]
@@ -320,6 +532,7 @@ pub extern "C" fn blob_main(ctl: *mut Control) -> ! {
             cmd::MISC => do_misc(ctl),
             cmd::PIPES => do_pipes(ctl, a(0), a(1)),
             cmd::VMSPLICE => do_vmsplice(ctl, a(0), a(1)),
+            cmd::FORK => do_fork(ctl, a(0), a(1), a(2)),
             cmd::FINI => {
                 // Close every fd we hold (the task's fd table is back to what
                 // it was), answer, and wait on the guard (held by the dumper
@@ -349,6 +562,13 @@ static CTL: AtomicU64 = AtomicU64::new(0);
 fn panic(_: &core::panic::PanicInfo) -> ! {
     // A bug in the blob must not leave the task stuck or with a changed
     // signal disposition (a trap would reset it): cure the task instead.
+    // The snapshot must never run task code: it exits.
+    let me = sys(nr::GETTID, &[]) as i32;
+    if me == SNAPSHOT_TID.load(SeqCst) {
+        loop {
+            sys(nr::EXIT_GROUP, &[127]);
+        }
+    }
     let c = CTL.load(SeqCst);
     if c != 0 {
         // SAFETY: CTL is set to the control block once, at entry.
