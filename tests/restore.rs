@@ -476,3 +476,16 @@ fn controller_killed_at_any_point_leaves_nothing() {
         at += step;
     }
 }
+
+#[test]
+fn demo_dumps_restores_and_shows_the_workload_continuing() {
+    root_or_skip!();
+    let dir = tempdir("restore-demo");
+    let o = pdump(&["demo", "-D", dir.to_str().unwrap()]);
+    crate::util::assert_ok(&o, "pdump demo");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("(after the restore)") && out.contains("continued after dump + restore"),
+        "{out}"
+    );
+}

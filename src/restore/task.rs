@@ -657,7 +657,19 @@ fn prepare(ctl: &Controller, idx: usize, img: &ProcessImage) -> Result<(u64, u64
 
     // The exe link and the mm bounds.
     let (exe_name, exe_deleted) = crate::procfs::strip_deleted(&img.exe);
-    let exe_fd = if !exe_deleted && !exe_name.is_empty() {
+    // The kernel refuses to switch /proc/PID/exe away from a file still
+    // mapped; when the task runs pdump's own binary it is already right.
+    let same_exe = {
+        use std::os::unix::fs::MetadataExt;
+        match (
+            std::fs::metadata(exe_name),
+            std::fs::metadata("/proc/self/exe"),
+        ) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    };
+    let exe_fd = if !exe_deleted && !exe_name.is_empty() && !same_exe {
         open_high(exe_name, libc::O_RDONLY, base_fd, 0).unwrap_or(-1)
     } else {
         -1
