@@ -983,7 +983,18 @@ impl<'a> Opener<'a, '_> {
         };
         if !self.pipes.contains_key(&inode) {
             let u = &self.plan.pipes[&inode];
-            let res = if u.read && u.write {
+            let key = format!("pipe:[{inode}]");
+            let inherited = self.opts.inherit.iter().any(|(k, _)| *k == key);
+            // One end outside the tree and not handed in: the other end was
+            // closed everywhere (a reader sees EOF after the data, a writer
+            // EPIPE), or it was held outside, which a restore cannot bring
+            // back: either way the tree gets a fresh pipe with its data.
+            if !(inherited || u.read && u.write) {
+                log::info!(
+                    "{key}: one end outside the tree; restored as a pipe with that end closed"
+                );
+            }
+            let res = if (u.read && u.write) || !inherited {
                 let mut p = [0; 2];
                 // SAFETY: `p` has room for the two fds.
                 if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
@@ -1008,20 +1019,14 @@ impl<'a> Opener<'a, '_> {
                         key,
                     });
                 };
-                let st = fstat(fd).map_err(|source| FilesError::Inherit {
+                // Any open file may stand in for the outside end (a
+                // terminal, with --shell-job); it must be open.
+                fstat(fd).map_err(|source| FilesError::Inherit {
                     key: key.clone(),
                     fd,
                     op: "fstat",
                     source,
                 })?;
-                if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
-                    return Err(FilesError::Inherit {
-                        key,
-                        fd,
-                        op: "check it is a pipe",
-                        source: io::Error::from_raw_os_error(libc::EINVAL),
-                    });
-                }
                 PipeRes {
                     read: None,
                     write: None,
@@ -1349,10 +1354,12 @@ impl FileTable {
         let externals = plan.externals();
         for (key, at) in &externals {
             if !opts.inherit.iter().any(|(k, _)| k == key) {
-                return Err(FilesError::External {
-                    at: (*at).clone(),
-                    key: key.clone(),
-                });
+                log::info!(
+                    "fd {} of pid {}: {key} leads outside the tree; restored with that end closed \
+                     (--inherit-fd FD:{key} or --shell-job connect it)",
+                    at.fd,
+                    at.pid
+                );
             }
         }
         let externals: Vec<String> = externals.into_iter().map(|(k, _)| k).collect();
@@ -1607,16 +1614,9 @@ mod tests {
             external_keys(&inv, &procs).unwrap(),
             vec!["pipe:[100]", "pipe:[300]"]
         );
-        let err = FileTable::open_images(&inv, &procs, &FileOptions::default()).unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            matches!(err, FilesError::External { ref at, ref key } if at.pid == 10 && at.fd == 0 && key == "pipe:[100]"),
-            "{err:?}"
-        );
-        assert!(
-            msg.contains("--inherit-fd FD:pipe:[100]") && msg.contains("--shell-job"),
-            "{msg}"
-        );
+        // Without --inherit-fd they become pipes whose outside end is closed.
+        let t = FileTable::open_images(&inv, &procs, &FileOptions::default()).unwrap();
+        assert_eq!(t.external_keys(), &["pipe:[100]", "pipe:[300]"]);
     }
 
     #[test]

@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 
 use crate::root_or_skip;
 use crate::tree::{proc_tree, ProcTask};
-use crate::util::{pdump, pdump_bin, tempdir, Victim};
+use crate::util::{only_stdio, pdump, pdump_bin, tempdir, Victim};
 
 const RESTORED: (&str, &str) = ("PDUMP_VICTIM_RESTORED_ROOT", "1");
 
 /// Spawn `mode`, then dump (kill) and restore it `cycles` times; return the
 /// running restored victim.
 fn cycles(mode: &str, args: &[&str], cycles: usize) -> Victim {
-    let mut v = Victim::spawn_env(mode, args, &[RESTORED]);
+    // stderr: not the test's own (a log file that grows is a changed file).
+    let mut v = Victim::spawn_stderr(mode, args, &[RESTORED], Stdio::null());
     for c in 0..cycles {
         let dir = tempdir(&format!("restore-{mode}-{c}"));
         let pid = v.dump_kill(&dir);
@@ -77,7 +78,7 @@ fn timers_and_signal_handlers_twice() {
 #[test]
 fn interrupted_sleep_restarts_with_the_time_left() {
     root_or_skip!();
-    let v = Victim::spawn_env("sleep", &["2000"], &[RESTORED]);
+    let v = Victim::spawn_stderr("sleep", &["2000"], &[RESTORED], Stdio::null());
     std::thread::sleep(Duration::from_millis(300));
     let dir = tempdir("restore-sleep");
     let pid = v.dump_kill(&dir);
@@ -88,7 +89,7 @@ fn interrupted_sleep_restarts_with_the_time_left() {
 #[test]
 fn stopped_task_stays_stopped() {
     root_or_skip!();
-    let v = Victim::spawn_env("loop", &[], &[RESTORED]);
+    let v = Victim::spawn_stderr("loop", &[], &[RESTORED], Stdio::null());
     v.signal(libc::SIGSTOP);
     while v.state() != 'T' {
         std::thread::sleep(Duration::from_millis(1));
@@ -111,7 +112,7 @@ fn stopped_task_stays_stopped() {
 #[test]
 fn same_images_restore_again_after_the_first_copy_exited() {
     root_or_skip!();
-    let v = Victim::spawn_env("pattern", &["300", "5"], &[RESTORED]);
+    let v = Victim::spawn_stderr("pattern", &["300", "5"], &[RESTORED], Stdio::null());
     let dir = tempdir("restore-again");
     let pid = v.dump_kill(&dir);
     for _ in 0..2 {
@@ -145,9 +146,10 @@ ok = zlib.crc32(buf) == crc and n > 0
 print(("OK" if ok else "FAIL") + " n=%d" % n, flush=True)
 sys.exit(0 if ok else 1)
 "#;
-    let mut child = Command::new("python3")
+    let mut child = only_stdio(&mut Command::new("python3"))
         .args(["-c", script])
         .env("PYTHONUNBUFFERED", "1")
+        .stderr(Stdio::null())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -170,11 +172,12 @@ sys.exit(0 if ok else 1)
 /// A self-checking tree: /proc before the dump, dump (kill), restore, the
 /// same ids, states and exit codes on every level, then its own checks.
 fn tree_round_trip(name: &str, cycles: usize) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pdump-victim"))
+    let mut child = only_stdio(&mut Command::new(env!("CARGO_BIN_EXE_pdump-victim")))
         .args(["tree-preset", name])
         .env(RESTORED.0, RESTORED.1)
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -345,10 +348,11 @@ fn a_failure_inside_the_tree_kills_everything_it_created() {
     let bin_dir = tempdir("restore-fail-bin");
     let copy = bin_dir.join("victim-copy");
     std::fs::copy(env!("CARGO_BIN_EXE_pdump-victim"), &copy).unwrap();
-    let mut child = Command::new(&copy)
+    let mut child = only_stdio(&mut Command::new(&copy))
         .args(["tree-preset", "small"])
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -381,11 +385,12 @@ fn a_failure_inside_the_tree_kills_everything_it_created() {
 #[test]
 fn controller_killed_at_any_point_leaves_nothing() {
     root_or_skip!();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pdump-victim"))
+    let mut child = only_stdio(&mut Command::new(env!("CARGO_BIN_EXE_pdump-victim")))
         .args(["tree-preset", "small"])
         .env(RESTORED.0, RESTORED.1)
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -405,7 +410,7 @@ fn controller_killed_at_any_point_leaves_nothing() {
             .args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
             .env(env.0, env.1)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&errf).unwrap())
             .status()
             .unwrap()

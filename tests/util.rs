@@ -95,7 +95,7 @@ impl Victim {
     /// [`Victim::spawn_env`] with the victim's stderr given (e.g.
     /// `Stdio::null()`, so that its fd 2 is not the test's).
     pub fn spawn_stderr(mode: &str, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Victim {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pdump-victim"))
+        let mut child = only_stdio(&mut Command::new(env!("CARGO_BIN_EXE_pdump-victim")))
             .arg(mode)
             .args(args)
             .envs(env.iter().copied())
@@ -313,4 +313,18 @@ pub fn assert_ok(out: &Output, what: &str) {
 
 pub fn exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// Give a spawned program only stdin/stdout/stderr: an fd this test process
+/// inherited from whatever runs it (a CI runner's pipe) must not leak into
+/// victims, whose every fd is dumped and restored.
+pub fn only_stdio(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range between fork and exec touches only the child's fds.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
 }
