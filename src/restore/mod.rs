@@ -359,7 +359,7 @@ fn check_pids_free(plan: &Plan) -> Result<(), RestoreError> {
         for pid in ids {
             // A task of a just-killed tree may still be waiting to be reaped.
             let start = Instant::now();
-            while proc_state(pid) == 'Z' && start.elapsed() < Duration::from_secs(2) {
+            while proc_state(pid) == 'Z' && start.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(2));
             }
             if Path::new(&format!("/proc/{pid}")).exists() {
