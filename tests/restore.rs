@@ -494,3 +494,11 @@ fn demo_dumps_restores_and_shows_the_workload_continuing() {
         "{out}"
     );
 }
+
+#[test]
+fn four_gib_process_twice() {
+    root_or_skip!();
+    // 1 Mi pages: every 7th never touched, every 5th zero, the rest a
+    // per-page pattern the victim checks page by page at the end.
+    ok(cycles("pattern", &["1048576", "3"], 2), "OK pages=1048576");
+}
