@@ -199,18 +199,7 @@ fn tree_round_trip(name: &str, cycles: usize) {
                 let _ = child.wait();
             }
         }
-        let mut r = Command::new(pdump_bin())
-            .args([
-                "restore",
-                "-D",
-                dir.to_str().unwrap(),
-                "--shell-job",
-                "--wait",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut r = crate::util::restore_running(&dir, root, &[], false);
         out = Box::new(BufReader::new(r.stdout.take().unwrap()));
         restored = Some(r);
         wait_like(root, &before);

@@ -149,46 +149,9 @@ impl Victim {
     /// (same pid) talks through pdump's stdin/stdout, which the restore
     /// hands it in place of its old pipes, and pdump exits with its status.
     pub fn restore(dir: &Path, pid: i32, extra: &[&str]) -> Victim {
-        let mut child = Command::new(pdump_bin())
-            .args([
-                "restore",
-                "-D",
-                dir.to_str().unwrap(),
-                "--shell-job",
-                "--wait",
-            ])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running pdump restore");
+        let mut child = restore_running(dir, pid, extra, true);
         let out = BufReader::new(child.stdout.take().unwrap());
         let stdin = child.stdin.take();
-        // Wait until the tree runs (or pdump failed).
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                panic!("pdump restore exited {st} before the victim ran: {err}");
-            }
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            let tracer = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("TracerPid:").map(|v| v.trim() == "0"))
-                .unwrap_or(false);
-            if comm.trim() != "pdump" && !comm.is_empty() && tracer {
-                break;
-            }
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(60),
-                "restore of {pid} did not finish in 60 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
         Victim {
             child,
             pid,
@@ -326,5 +289,70 @@ pub fn only_stdio(cmd: &mut Command) -> &mut Command {
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             Ok(())
         })
+    }
+}
+
+/// `pdump restore -D DIR --shell-job --wait EXTRA` (stdout piped, stdin
+/// piped or null), returned once task `pid` runs restored and untraced.
+/// pid_max is 32768 here and the suite spawns thousands of processes, so a
+/// pid freed by the dump may briefly belong to another test's process: a
+/// restore refused with "already in use" is retried (that is the documented
+/// behaviour; the occupant is short-lived).
+pub fn restore_running(dir: &Path, pid: i32, extra: &[&str], stdin: bool) -> Child {
+    let start = std::time::Instant::now();
+    'attempt: loop {
+        let mut child = Command::new(pdump_bin())
+            .args([
+                "restore",
+                "-D",
+                dir.to_str().unwrap(),
+                "--shell-job",
+                "--wait",
+            ])
+            .args(extra)
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running pdump restore");
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                if err.contains("already in use")
+                    && start.elapsed() < std::time::Duration::from_secs(60)
+                {
+                    eprintln!("restore of {pid}: {}; retrying", err.trim());
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    continue 'attempt;
+                }
+                panic!("pdump restore exited {st} before the victim ran: {err}");
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let untraced = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("TracerPid:").map(|v| v.trim() == "0"))
+                .unwrap_or(false);
+            let ours = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s[s.rfind(')')? + 2..]
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<i32>()
+                        .ok()
+                })
+                == Some(child.id() as i32);
+            if comm.trim() != "pdump" && !comm.is_empty() && untraced && ours {
+                return child;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(90),
+                "restore of {pid} did not finish in 90 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 }
