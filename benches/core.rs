@@ -148,5 +148,73 @@ fn main() {
         );
     }
     drop(v);
+    stop_times(mib, &dir, have_gcore);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The process's longest stop, as its own watchdog thread (a tick every
+/// 100 us) measured it, while it writes its memory and a core is taken:
+/// pdump core (copy-on-write snapshot: stopped for the capture and the
+/// fork only), gcore (stopped for the whole copy), and nothing at all (the
+/// machine's own noise), each on a fresh `cow` victim of the same size.
+fn stop_times(mib: usize, dir: &Path, have_gcore: bool) {
+    let pages = ((mib << 20) / 4096 / 4).to_string();
+    let run = |what: &str| -> Option<(f64, f64)> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pdump-victim"))
+            .args(["cow", &pages, "watchdog,private"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pdump-victim cow");
+        let pid = child.id() as i32;
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        assert!(l.starts_with("READY"), "cow victim said {l:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let ok = match what {
+            "pdump core" => {
+                pdump_core(pid, dir);
+                true
+            }
+            "gcore" => gcore(pid, dir).is_some(),
+            _ => {
+                std::thread::sleep(Duration::from_millis(500));
+                true
+            }
+        };
+        let el = t.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: a signal to the victim this bench spawned.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let mut last = String::new();
+        let mut line = String::new();
+        while out.read_line(&mut line).unwrap_or(0) > 0 {
+            last = std::mem::take(&mut line);
+        }
+        let _ = child.wait();
+        let gap: f64 = last
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("maxgap_us="))
+            .and_then(|v| v.parse().ok())?;
+        ok.then_some((el, gap / 1000.0))
+    };
+    println!();
+    println!("longest stop of a live {mib} MiB process writing its memory (its own watchdog)");
+    println!("| what | time s | longest stop ms | per GiB ms |");
+    println!("|---|---|---|---|");
+    let mut whats = vec!["nothing (noise)", "pdump core"];
+    if have_gcore {
+        whats.push("gcore");
+    }
+    for what in whats {
+        match run(what) {
+            Some((t, gap)) => println!(
+                "| {what} | {t:.3} | {gap:.1} | {:.1} |",
+                gap / (mib as f64 / 1024.0)
+            ),
+            None => println!("| {what} | failed | - | - |"),
+        }
+    }
 }
