@@ -201,6 +201,11 @@ pub struct DumpOptions {
     /// Threads that move a big process's pages (0: automatic, the CPUs not
     /// busy with other processes; small processes use their tracer thread).
     pub page_threads: usize,
+    /// Find zero pages and CRC32Cs in the dumper (every page is copied
+    /// through it) rather than in the parasite. The parasite does it where
+    /// the CPU has a CRC32 instruction (x86_64 with SSE4.2), unless this is
+    /// set; the CLI sets it with `PDUMP_DUMPER_SCAN=1`.
+    pub dumper_scan: bool,
     /// Container mode (refuse any leak): `None` picks it when the root is the
     /// init of a pid namespace, sub-tree mode otherwise.
     pub container: Option<bool>,
@@ -220,6 +225,7 @@ impl Default for DumpOptions {
             pipe_size: 1 << 20,
             batch_bytes: 64 << 20,
             page_threads: 0,
+            dumper_scan: std::env::var_os("PDUMP_DUMPER_SCAN").is_some_and(|v| v == "1"),
             container: None,
             workers: 0,
             cow: true,
@@ -961,6 +967,7 @@ fn dump_pages(
         crate::pagestream::StreamOptions {
             pipe_size: opts.pipe_size.min(pipe_max_size()),
             threads: opts.page_threads,
+            dumper_scan: opts.dumper_scan,
         },
     )?;
     drop(plan);

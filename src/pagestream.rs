@@ -42,6 +42,7 @@ use crossbeam::channel::{bounded, Receiver};
 use crate::dump::DumpError;
 use crate::image::model::PageRun;
 use crate::infect::Parasite;
+use pdump_parasite::ScanRun;
 
 const PAGE: u64 = pdump_arch::PAGE_SIZE as u64;
 
@@ -97,6 +98,9 @@ struct Chunk {
     pipe: usize,
     segs: Vec<PlanRun>,
     bytes: u64,
+    /// Parasite scan mode: the runs the parasite found in the pipe segments
+    /// (only the non-zero ones are in the pipe), once its command is done.
+    scan: Option<Vec<ScanRun>>,
 }
 
 impl Chunk {
@@ -132,6 +136,7 @@ impl Iterator for Chunker<'_> {
         let mut c = Chunk {
             idx: self.next,
             pipe: (self.next % self.npipes as u64) as usize,
+            scan: None,
             ..Chunk::default()
         };
         let mut iovs = 0;
@@ -219,6 +224,8 @@ struct Sub {
     addr: u64,
     npages: u64,
     zero: bool,
+    /// The bytes are in the pipe (else at `at` in the chunk buffer).
+    from_pipe: bool,
     /// Offset in the chunk buffer.
     at: usize,
     crc: u32,
@@ -258,46 +265,77 @@ impl Drainer {
     }
 
     fn chunk_inner(&mut self, sh: &Shared<'_>, pipe: &File, c: &Chunk) -> Result<(), DumpError> {
-        // 1. The bytes, in segment order.
+        if sh.aborted() {
+            return self.discard(sh, pipe, c);
+        }
+        // 1. The bytes the dumper looks at, in segment order: pages of
+        // unreadable mappings, and in copy mode everything.
         let mut at = 0usize;
-        for s in &c.segs {
+        for s in c.segs.iter().filter(|s| s.via_mem || c.scan.is_none()) {
             let dst = &mut self.buf[at..at + s.len as usize];
             if s.via_mem {
-                if !sh.aborted() {
-                    let mem = sh.mem.as_ref().expect("opened when the plan reads memory");
-                    mem.read_exact_at(dst, s.addr)
-                        .map_err(|e| sh.io_err(s.addr, s.addr + s.len, e))?;
-                }
+                let mem = sh.mem.as_ref().expect("opened when the plan reads memory");
+                mem.read_exact_at(dst, s.addr)
+                    .map_err(|e| sh.io_err(s.addr, s.addr + s.len, e))?;
             } else {
                 read_chunk_part(sh, pipe, dst, c.idx, s)?;
             }
             at += s.len as usize;
         }
-        if sh.aborted() {
-            return Ok(());
-        }
 
-        // 2. Zero and data parts, with the CRC32C of each data part.
+        // 2. Zero and data parts with the CRC32C of each data part: from
+        // the parasite's runs, or found here.
         self.subs.clear();
         let mut at = 0usize;
+        let mut iov = 0u32;
         for s in &c.segs {
+            if let (Some(runs), false) = (&c.scan, s.via_mem) {
+                let mut next = s.addr;
+                for r in runs.iter().filter(|r| r.iov == iov) {
+                    if r.addr != next || r.npages == 0 {
+                        return Err(sh.io_err(
+                            s.addr,
+                            s.addr + s.len,
+                            std::io::Error::other("the parasite's page runs do not tile the range"),
+                        ));
+                    }
+                    next = r.addr + r.npages as u64 * PAGE;
+                    self.subs.push(Sub {
+                        vma: s.vma,
+                        addr: r.addr,
+                        npages: r.npages as u64,
+                        zero: r.zero != 0,
+                        from_pipe: true,
+                        at: 0,
+                        crc: r.crc,
+                    });
+                }
+                if next != s.addr + s.len {
+                    return Err(sh.io_err(
+                        s.addr,
+                        s.addr + s.len,
+                        std::io::Error::other("the parasite's page runs do not tile the range"),
+                    ));
+                }
+                iov += 1;
+                continue;
+            }
+            if !s.via_mem {
+                iov += 1;
+            }
+            let first = self.subs.len();
             for k in 0..(s.len / PAGE) as usize {
                 let p = at + k * PAGE as usize;
                 let zero = is_zero_page(&self.buf[p..p + PAGE as usize]);
+                let same_seg = self.subs.len() > first;
                 match self.subs.last_mut() {
-                    Some(l)
-                        if l.zero == zero
-                            && l.vma == s.vma
-                            && l.at + (l.npages * PAGE) as usize == p
-                            && l.addr + l.npages * PAGE == s.addr + (k as u64) * PAGE =>
-                    {
-                        l.npages += 1
-                    }
+                    Some(l) if same_seg && l.zero == zero => l.npages += 1,
                     _ => self.subs.push(Sub {
                         vma: s.vma,
                         addr: s.addr + k as u64 * PAGE,
                         npages: 1,
                         zero,
+                        from_pipe: false,
                         at: p,
                         crc: 0,
                     }),
@@ -305,7 +343,7 @@ impl Drainer {
             }
             at += s.len as usize;
         }
-        for s in self.subs.iter_mut().filter(|s| !s.zero) {
+        for s in self.subs.iter_mut().filter(|s| !s.zero && !s.from_pipe) {
             s.crc = crc32c::crc32c(&self.buf[s.at..s.at + (s.npages * PAGE) as usize]);
         }
 
@@ -314,7 +352,11 @@ impl Drainer {
             let mut o = sh.order.lock().unwrap_or_else(|p| p.into_inner());
             while o.next != c.idx {
                 if sh.aborted() {
-                    return Ok(());
+                    drop(o);
+                    return match c.scan {
+                        Some(_) => self.discard(sh, pipe, c),
+                        None => Ok(()),
+                    };
                 }
                 o = sh
                     .turn
@@ -358,23 +400,88 @@ impl Drainer {
         };
         sh.turn.notify_all();
 
-        // 4. The data parts, in one write.
-        let parts: Vec<&[u8]> = self
-            .subs
-            .iter()
-            .filter(|s| !s.zero)
-            .map(|s| &self.buf[s.at..s.at + (s.npages * PAGE) as usize])
-            .collect();
+        // 4. The data parts, back to back from `base`: runs of parts from
+        // the buffer in one pwritev, runs of parts in the pipe (scan mode) in
+        // one splice.
         let first = c.segs[0].addr;
         let last = c.segs.last().map_or(first, |s| s.addr + s.len);
-        pwritev_all(
-            sh.file,
-            &parts,
-            crate::image::format::PAGES_DATA_OFFSET + base,
-        )
-        .map_err(|e| sh.io_err(first, last, e))?;
+        let mut off = crate::image::format::PAGES_DATA_OFFSET + base;
+        let data: Vec<Sub> = self.subs.iter().filter(|s| !s.zero).copied().collect();
+        for group in data.chunk_by(|a, b| a.from_pipe == b.from_pipe) {
+            let len: u64 = group.iter().map(|s| s.npages * PAGE).sum();
+            if group[0].from_pipe {
+                splice_all(pipe, sh.file, off, len).map_err(|e| sh.io_err(first, last, e))?;
+            } else {
+                let parts: Vec<&[u8]> = group
+                    .iter()
+                    .map(|s| &self.buf[s.at..s.at + (s.npages * PAGE) as usize])
+                    .collect();
+                pwritev_all(sh.file, &parts, off).map_err(|e| sh.io_err(first, last, e))?;
+            }
+            off += len;
+        }
         Ok(())
     }
+
+    /// After an error: empty the pipe of what the parasite put there for
+    /// chunk `c`, so that it never waits for room.
+    fn discard(&mut self, sh: &Shared<'_>, pipe: &File, c: &Chunk) -> Result<(), DumpError> {
+        let moved = match &c.scan {
+            Some(runs) => runs
+                .iter()
+                .filter(|r| r.zero == 0)
+                .map(|r| r.npages as u64 * PAGE)
+                .sum(),
+            None => c.pipe_bytes(),
+        };
+        let mut left = moved as usize;
+        while left > 0 {
+            let n = left.min(self.buf.len());
+            let seg = c.segs[0];
+            match read_chunk_part(sh, pipe, &mut self.buf[..n], c.idx, &seg) {
+                Ok(()) => left -= n,
+                Err(_) => break, // short or closed: nothing more will come
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Move exactly `len` bytes from `pipe` (already holding them) into `file`
+/// at `off`.
+fn splice_all(pipe: &File, file: &File, mut off: u64, len: u64) -> std::io::Result<()> {
+    let mut left = len;
+    while left > 0 {
+        let mut o = off as libc::loff_t;
+        // SAFETY: splice between two fds we own; `o` is a valid loff_t.
+        let n = unsafe {
+            libc::splice(
+                pipe.as_raw_fd(),
+                std::ptr::null_mut(),
+                file.as_raw_fd(),
+                &mut o,
+                left as usize,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "page pipe closed",
+            ));
+        }
+        left -= n as u64;
+        off += n as u64;
+        crate::fault::point(); // mid-chunk
+    }
+    Ok(())
 }
 
 /// Read `dst.len()` bytes of chunk `idx` from `pipe`. Waits in 50 ms polls;
@@ -496,6 +603,22 @@ pub struct StreamOptions {
     pub pipe_size: usize,
     /// Drainer threads (0: automatic).
     pub threads: usize,
+    /// Find zero pages and CRCs in the dumper, reading every page through
+    /// it (copy mode), even where the parasite could (scan mode).
+    pub dumper_scan: bool,
+}
+
+/// Whether the parasite can find zero pages and CRCs itself (scan mode):
+/// it needs the CRC32 instruction (x86_64 with SSE4.2).
+pub fn parasite_can_scan() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("sse4.2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// What was streamed.
@@ -509,6 +632,8 @@ pub struct Streamed {
     pub threads: usize,
     /// Page pipes used.
     pub pipes: usize,
+    /// The parasite found zero pages and CRCs (else the dumper did).
+    pub parasite_scan: bool,
 }
 
 fn cpus() -> usize {
@@ -596,6 +721,12 @@ pub fn stream(
         npipes,
     };
 
+    let scan = !opts.dumper_scan && parasite_can_scan();
+    let cmd = if scan {
+        pdump_parasite::cmd::VMSPLICE_SCAN
+    } else {
+        pdump_parasite::cmd::VMSPLICE
+    };
     // Post chunk `c`; returns the command's sequence number (None: nothing
     // to vmsplice, or failed: recorded).
     let post = |parasite: &mut Parasite<'_>, c: &Chunk| -> Option<u32> {
@@ -603,7 +734,22 @@ pub fn stream(
         if iovs.is_empty() {
             return None;
         }
-        match parasite.post_vmsplice(c.pipe, &iovs) {
+        let r = if scan {
+            if iovs.len() > pdump_parasite::max_scan_runs(iovs.len()) / 2 {
+                // Never with chunks of a pipe's capacity; keeps the blob's
+                // output inside its buffer.
+                sh.fail(inf("vmsplice")(crate::infect::InfectError::Command {
+                    pid,
+                    what: "VMSPLICE_SCAN",
+                    source: nix::errno::Errno::E2BIG,
+                }));
+                return None;
+            }
+            parasite.post_vmsplice_scan(c.pipe, &iovs)
+        } else {
+            parasite.post_vmsplice(c.pipe, &iovs)
+        };
+        match r {
             Ok(seq) => Some(seq),
             Err(e) => {
                 sh.fail(inf("vmsplice")(e));
@@ -611,20 +757,44 @@ pub fn stream(
             }
         }
     };
-    // Wait for the command of chunk `idx`, which asked for `want` bytes.
-    let wait = |parasite: &Parasite<'_>, idx: u64, want: u64, seq: Option<u32>| {
+    // Wait for the command of chunk `c`: it must have moved all its pipe
+    // bytes (copy mode) or all the non-zero ones it reports (scan mode,
+    // whose runs are fetched into `c.scan`).
+    let wait = |parasite: &mut Parasite<'_>, c: &mut Chunk, seq: Option<u32>| {
+        let want = c.pipe_bytes();
         if let Some(seq) = seq {
-            match parasite.wait_done(seq, pdump_parasite::cmd::VMSPLICE) {
-                Ok(got) if got == want as i64 => {}
-                Ok(got) => sh.fail(DumpError::ShortSplice { pid, got, want }),
+            match parasite.wait_done(seq, cmd) {
+                Ok(got) if scan && got >= 0 => {
+                    let niov = c.segs.iter().filter(|s| !s.via_mem).count();
+                    let runs = parasite.scan_runs(niov);
+                    let data: u64 = runs
+                        .iter()
+                        .filter(|r| r.zero == 0)
+                        .map(|r| r.npages as u64 * PAGE)
+                        .sum();
+                    let pages: u64 = runs.iter().map(|r| r.npages as u64 * PAGE).sum();
+                    if data != got as u64 || pages != want {
+                        sh.fail(DumpError::ShortSplice { pid, got, want });
+                    }
+                    c.scan = Some(runs);
+                }
+                Ok(got) if !scan && got == want as i64 => {}
+                Ok(got) => {
+                    sh.fail(DumpError::ShortSplice { pid, got, want });
+                    if scan {
+                        c.scan = Some(Vec::new());
+                    }
+                }
                 Err(e) => {
                     sh.fail(inf("vmsplice")(e));
                     sh.completed.store(u64::MAX, Ordering::SeqCst);
                     return;
                 }
             }
+        } else if scan {
+            c.scan = Some(Vec::new());
         }
-        sh.completed.fetch_max(idx + 1, Ordering::SeqCst);
+        sh.completed.fetch_max(c.idx + 1, Ordering::SeqCst);
     };
 
     if drainers == 0 {
@@ -636,8 +806,8 @@ pub fn stream(
             if sh.aborted() {
                 break;
             }
-            if let Some((pc, seq)) = &prev {
-                wait(parasite, pc.idx, pc.pipe_bytes(), *seq);
+            if let Some((pc, seq)) = &mut prev {
+                wait(parasite, pc, *seq);
             }
             let seq = post(parasite, &c);
             if let Some((pc, _)) = prev.take() {
@@ -645,8 +815,8 @@ pub fn stream(
             }
             prev = Some((c, seq));
         }
-        if let Some((pc, seq)) = prev.take() {
-            wait(parasite, pc.idx, pc.pipe_bytes(), seq);
+        if let Some((mut pc, seq)) = prev.take() {
+            wait(parasite, &mut pc, seq);
             d.chunk(&sh, &pipes[pc.pipe], &pc);
         }
     } else {
@@ -662,18 +832,34 @@ pub fn stream(
                     .spawn_scoped(s, move || drain_loop(sh, pipes, rx, cap as usize))
                     .expect("spawning a page drainer");
             }
-            for c in chunks {
+            for mut c in chunks {
                 if sh.aborted() {
                     break;
                 }
                 let seq = post(parasite, &c);
-                let (idx, want, d) = (c.idx, c.pipe_bytes(), c.pipe % drainers);
-                // The drainer must have the chunk before its command can
-                // finish (it empties the pipe as the parasite fills it).
-                if txs[d].send(c).is_err() {
-                    sh.fail(DumpError::Worker { index: d });
+                let d = c.pipe % drainers;
+                if scan {
+                    // The runs are known once the command is done; the pipe
+                    // has room as the drainers empty earlier chunks.
+                    wait(parasite, &mut c, seq);
+                    if txs[d].send(c).is_err() {
+                        sh.fail(DumpError::Worker { index: d });
+                    }
+                } else {
+                    // The drainer must have the chunk before its command can
+                    // finish (it empties the pipe as the parasite fills it).
+                    let (idx, pipe, segs) = (c.idx, c.pipe, c.segs.clone());
+                    if txs[d].send(c).is_err() {
+                        sh.fail(DumpError::Worker { index: d });
+                    }
+                    let mut probe = Chunk {
+                        idx,
+                        pipe,
+                        segs,
+                        ..Chunk::default()
+                    };
+                    wait(parasite, &mut probe, seq);
                 }
-                wait(parasite, idx, want, seq);
             }
             drop(txs);
         });
@@ -688,6 +874,7 @@ pub fn stream(
         data_len: o.offset,
         threads: drainers,
         pipes: npipes,
+        parasite_scan: scan,
     })
 }
 

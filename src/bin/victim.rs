@@ -174,6 +174,9 @@
 //!     pass at full speed, checking each page's previous contents first.
 //!     `READY <pid> <base_hex> <pages>`; final `OK passes= maxgap_us=`.
 //!
+//!   With `PDUMP_VICTIM_GAPS=1`, the root of a `tree`/`tree-preset` also
+//!   starts a watchdog (one more thread) after its READY line.
+//!
 //! # Process trees (`tree` and `tree-preset`)
 //!
 //! `pdump-victim tree SPEC` (the spec is one argument; several are joined
@@ -3820,6 +3823,10 @@ impl<'a> TreeMember<'a> {
             }
             let json = tree_json(self.spec, &self.recs, self.launcher);
             emit(&format!("READY {} {json}", self.recs[0].outer));
+            if std::env::var("PDUMP_VICTIM_GAPS").as_deref() == Ok("1") {
+                // Benchmarks: the root measures its stops (one more thread).
+                start_watchdog(sigbit(libc::SIGUSR2));
+            }
             Ok(())
         } else {
             let mut msg = String::new();
