@@ -884,3 +884,65 @@ fn drain_loop(sh: &Shared<'_>, pipes: &[File], rx: Receiver<Chunk>, cap: usize) 
         d.chunk(sh, &pipes[c.pipe], &c);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero_page(&p));
+        p[4095] = 1;
+        assert!(!is_zero_page(&p));
+        p[4095] = 0;
+        p[0] = 0x80;
+        assert!(!is_zero_page(&p));
+    }
+
+    #[test]
+    fn chunks_tile_the_plan_within_capacity() {
+        let run = |vma, addr, pages, via_mem| PlanRun {
+            vma,
+            addr,
+            len: pages * PAGE,
+            via_mem,
+        };
+        let plan = [
+            run(0, 0x10000, 3, false),
+            run(1, 0x20000, 10, true),
+            run(2, 0x40000, 1, false),
+        ];
+        let chunks: Vec<Chunk> = Chunker {
+            runs: &plan,
+            pos: 0,
+            done_in_run: 0,
+            cap: 4 * PAGE,
+            max_iovs: 8,
+            next: 0,
+            npipes: 3,
+        }
+        .collect();
+        // 14 pages in chunks of at most 4.
+        assert_eq!(chunks.len(), 4);
+        let mut seen = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            assert_eq!(c.idx, i as u64);
+            assert_eq!(c.pipe, i % 3);
+            assert!(c.bytes <= 4 * PAGE);
+            assert_eq!(c.bytes, c.segs.iter().map(|s| s.len).sum::<u64>());
+            for s in &c.segs {
+                for k in 0..s.len / PAGE {
+                    seen.push((s.vma, s.addr + k * PAGE, s.via_mem));
+                }
+            }
+        }
+        let want: Vec<_> = plan
+            .iter()
+            .flat_map(|r| (0..r.len / PAGE).map(move |k| (r.vma, r.addr + k * PAGE, r.via_mem)))
+            .collect();
+        assert_eq!(seen, want);
+        assert_eq!(chunks[0].iovs(), vec![(0x10000, 3 * PAGE)]);
+        assert_eq!(chunks[0].pipe_bytes(), 3 * PAGE);
+    }
+}

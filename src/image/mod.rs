@@ -1177,24 +1177,27 @@ pub(crate) mod tests {
             });
         }
         // A zero run (no data) on a page that `page_pattern` makes all zero,
-        // after the last data run of the first anonymous VMA with room.
-        for v in vmas.iter_mut().filter(|v| v.kind != VmaKind::File) {
-            let Some(last) = v.pages.last().copied() else {
-                continue;
-            };
-            let mut addr = last.addr + last.len() + PAGE_SIZE;
-            while (addr / PAGE_SIZE) % 5 != 3 {
-                addr += PAGE_SIZE;
-            }
-            if addr < v.end {
-                v.pages.push(PageRun {
-                    addr,
-                    npages: 1,
-                    offset: last.offset + last.file_len(),
-                    crc32c: 0,
-                    zero: true,
-                });
-                break;
+        // in the first gap between two runs of a VMA that has one.
+        'zero: for v in vmas.iter_mut().filter(|v| v.kind != VmaKind::File) {
+            for i in 1..v.pages.len() {
+                let (prev, next) = (v.pages[i - 1], v.pages[i]);
+                let mut addr = prev.addr + prev.len();
+                while addr < next.addr {
+                    if (addr / PAGE_SIZE) % 5 == 3 {
+                        v.pages.insert(
+                            i,
+                            PageRun {
+                                addr,
+                                npages: 1,
+                                offset: prev.offset + prev.file_len(),
+                                crc32c: 0,
+                                zero: true,
+                            },
+                        );
+                        break 'zero;
+                    }
+                    addr += PAGE_SIZE;
+                }
             }
         }
         let mut sigactions = vec![SigAction::default(); 64];
@@ -1453,6 +1456,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn zero_runs_have_no_data_and_read_as_zeros() {
+        let t = TempDir::new("zero-runs");
+        write_sample(t.path(), true);
+        let cp = open_verify(t.path()).unwrap();
+        let p = &cp.processes[0];
+        let z = *p
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .find(|r| r.zero)
+            .expect("the sample has a zero run");
+        assert_eq!((z.file_len(), z.len()), (0, z.npages * PAGE_SIZE));
+        let pages = cp.pages(p).unwrap().unwrap();
+        assert_eq!(pages.run_range(&z).unwrap().1, 0);
+        assert_eq!(pages.read_run(&z).unwrap(), vec![0u8; z.len() as usize]);
+        let mut n = 0;
+        pages
+            .for_each_page(&z, |addr, page| {
+                assert_eq!(addr, z.addr + n * PAGE_SIZE);
+                assert!(page.iter().all(|&b| b == 0));
+                n += 1;
+            })
+            .unwrap();
+        assert_eq!(n, z.npages);
+        // A zero run must carry checksum 0.
+        let e = open_altered(t.path(), |p| {
+            for r in p.vmas.iter_mut().flat_map(|v| v.pages.iter_mut()) {
+                if r.zero {
+                    r.crc32c = 1;
+                }
+            }
+        });
+        assert!(e.to_string().contains("zero page run"), "{e}");
+    }
+
+    #[test]
     fn round_trip_every_kind() {
         let t = TempDir::new("roundtrip");
         let procs = write_sample(t.path(), true);
@@ -1488,9 +1527,12 @@ pub(crate) mod tests {
             for r in p.vmas.iter().flat_map(|v| &v.pages) {
                 let (off, len) = pages.run_range(r).unwrap();
                 assert_eq!(off % PAGE_SIZE, 0);
+                assert_eq!(len, r.file_len());
                 let bytes = pages.read_run(r).unwrap();
-                assert_eq!(bytes.len() as u64, len);
-                assert_eq!(&map[r.offset as usize..][..len as usize], &bytes[..]);
+                assert_eq!(bytes.len() as u64, r.len());
+                if !r.zero {
+                    assert_eq!(&map[r.offset as usize..][..len as usize], &bytes[..]);
+                }
                 for (k, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
                     assert_eq!(
                         page,
@@ -1824,7 +1866,13 @@ pub(crate) mod tests {
             "{e}"
         );
         // Data: one byte in each run flips that run's checksum.
-        for r in procs[0].0.vmas.iter().flat_map(|v| &v.pages) {
+        for r in procs[0]
+            .0
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .filter(|r| !r.zero)
+        {
             let at = (PAGES_DATA_OFFSET + r.offset + r.npages * PAGE_SIZE - 1) as usize;
             let e = corrupt(fx, pages, |b| b[at] ^= 0x80);
             assert!(
@@ -1948,8 +1996,9 @@ pub(crate) mod tests {
                 .unwrap();
             let v = &mut p.vmas[last_vma];
             let addr = v.start + 10 * PAGE_SIZE;
+            let at = v.pages.partition_point(|r| r.addr < addr);
             v.pages.insert(
-                2,
+                at,
                 PageRun {
                     addr,
                     npages: 1,
