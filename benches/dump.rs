@@ -11,7 +11,7 @@
 //! and the order of pdump and the reference alternates between rounds.
 //!
 //! Arguments (after `--`) select workloads by name substring; environment:
-//! `PDUMP_BENCH_QUICK=1` (smaller sizes, one round), `PDUMP_BENCH_ROUNDS=N`
+//! `PDUMP_BENCH_QUICK=1` (smaller sizes), `PDUMP_BENCH_ROUNDS=N`
 //! (timed rounds per method, default 2, best reported), `PDUMP_BENCH_DIR`
 //! (where images go, default the temp dir).
 
@@ -294,6 +294,8 @@ struct Workload {
     tree: bool,
     /// Why gcore is not run, if it is not.
     no_gcore: Option<&'static str>,
+    /// Also time pdump with `PDUMP_DUMPER_SCAN=1`.
+    copy_mode: bool,
 }
 
 fn workloads(quick: bool) -> Vec<Workload> {
@@ -307,6 +309,7 @@ fn workloads(quick: bool) -> Vec<Workload> {
         warm,
         tree: false,
         no_gcore: None,
+        copy_mode: false,
     };
     vec![
         w("1g", s(&["fill", &g1.to_string(), "none"]), g1 << 20),
@@ -315,12 +318,18 @@ fn workloads(quick: bool) -> Vec<Workload> {
             s(&["fill", &g1.to_string(), "half"]),
             g1 << 20,
         ),
-        w("4g", s(&["fill", &g4.to_string(), "none"]), g4 << 20),
-        w(
-            "4g-halfzero",
-            s(&["fill", &g4.to_string(), "half"]),
-            g4 << 20,
-        ),
+        Workload {
+            copy_mode: true,
+            ..w("4g", s(&["fill", &g4.to_string(), "none"]), g4 << 20)
+        },
+        Workload {
+            copy_mode: true,
+            ..w(
+                "4g-halfzero",
+                s(&["fill", &g4.to_string(), "half"]),
+                g4 << 20,
+            )
+        },
         Workload {
             no_gcore: Some("gcore writes every mapped byte (64 GiB)"),
             ..w(
@@ -343,6 +352,13 @@ fn workloads(quick: bool) -> Vec<Workload> {
     ]
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    PdumpR,
+    PdumpRCopy,
+    Reference,
+}
+
 /// Best (shortest wall) of several runs.
 fn best(runs: &[Run]) -> Option<Run> {
     runs.iter().min_by_key(|r| r.wall).cloned()
@@ -353,17 +369,25 @@ fn best(runs: &[Run]) -> Option<Run> {
 struct Results {
     bytes: u64,
     pdump_r: Vec<Run>,
+    pdump_copy: Vec<Run>,
     pdump_kill: Vec<Run>,
     reference: Vec<Run>,
     criu: Option<Result<Run, String>>,
     gcore: Option<Result<Run, String>>,
 }
 
-fn pdump_dump(pid: i32, dir: &Path, leave_running: bool, tree: bool) -> Result<Run, String> {
+fn pdump_dump(
+    pid: i32,
+    dir: &Path,
+    leave_running: bool,
+    tree: bool,
+    dumper_scan: bool,
+) -> Result<Run, String> {
     let _ = std::fs::remove_dir_all(dir);
     let mut c = Command::new(pdump_bin());
     c.args(["dump", "-t", &pid.to_string(), "-D", dir.to_str().unwrap()])
-        .env("PDUMP_REPORT_HWM", "1");
+        .env("PDUMP_REPORT_HWM", "1")
+        .env("PDUMP_DUMPER_SCAN", if dumper_scan { "1" } else { "0" });
     if leave_running {
         c.arg("-R");
     }
@@ -394,35 +418,43 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool)) -> Results {
     let v = Victim::spawn(&w.args);
     let pids = pids_of(v.pid, w.tree);
     let tree = w.tree;
-    // Round 0 warms caches and is not reported; then pdump and the reference
-    // alternate which goes first.
-    for round in 0..=rounds {
-        for step in 0..2 {
-            let pdump_first = round % 2 == 0;
-            let do_pdump = (step == 0) == pdump_first;
+    // pdump, the reference (and on big single processes pdump with the
+    // dumper finding zero pages and CRCs, for comparison) take turns; the
+    // order is reversed every other round.
+    let mut methods = vec![Method::PdumpR, Method::Reference];
+    if w.copy_mode {
+        methods.push(Method::PdumpRCopy);
+    }
+    for round in 0..rounds {
+        let mut order = methods.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for m in order {
             warm(w.warm);
             let t0 = Instant::now();
-            let mut run = if do_pdump {
-                pdump_dump(v.pid, &dir, true, tree)
-                    .unwrap_or_else(|e| panic!("{}: pdump dump -R failed: {e}", w.name))
-            } else {
-                let (wall, bytes) = reference_copy(&pids, &ref_path);
-                res.bytes = bytes;
-                Run {
-                    wall,
-                    image: du(&ref_path),
-                    ..Run::default()
+            let mut run = match m {
+                Method::PdumpR | Method::PdumpRCopy => {
+                    pdump_dump(v.pid, &dir, true, tree, m == Method::PdumpRCopy)
+                        .unwrap_or_else(|e| panic!("{}: pdump dump -R failed: {e}", w.name))
+                }
+                Method::Reference => {
+                    let (wall, bytes) = reference_copy(&pids, &ref_path);
+                    res.bytes = bytes;
+                    Run {
+                        wall,
+                        image: du(&ref_path),
+                        ..Run::default()
+                    }
                 }
             };
             run.stop = v.gap_since(t0).map_or(Stop::None, Stop::Gap);
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(&ref_path);
-            if round > 0 {
-                if do_pdump {
-                    res.pdump_r.push(run);
-                } else {
-                    res.reference.push(run);
-                }
+            match m {
+                Method::PdumpR => res.pdump_r.push(run),
+                Method::PdumpRCopy => res.pdump_copy.push(run),
+                Method::Reference => res.reference.push(run),
             }
         }
     }
@@ -441,9 +473,9 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool)) -> Results {
         ])
         .args(["--leave-running", "--shell-job", "-o", "dump.log"]);
         let t0 = Instant::now();
-        let r = timed_child(c).map(|(wall, rss)| Run {
+        // (ru_maxrss would count this bench's own peak: see timed_child.)
+        let r = timed_child(c).map(|(wall, _)| Run {
             wall,
-            rss_kib: Some(rss),
             image: du(&dir),
             ..Run::default()
         });
@@ -454,8 +486,9 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool)) -> Results {
         let r = r.map_err(|e| {
             // CRIU logs its reason in dump.log.
             let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+            // The first error with a reason (not "exited, status=1").
             log.lines()
-                .find(|l| l.starts_with("Error"))
+                .find(|l| l.starts_with("Error") && !l.contains("exited, status"))
                 .map(|l| l.to_string())
                 .unwrap_or(e)
         });
@@ -470,22 +503,22 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool)) -> Results {
         let mut c = Command::new("gcore");
         c.args(["-o", dir.join("core").to_str().unwrap(), &v.pid.to_string()]);
         let t0 = Instant::now();
-        let r = timed_child(c).map(|(wall, rss)| Run {
+        let r = timed_child(c).map(|(wall, _)| Run {
             wall,
-            rss_kib: Some(rss),
             image: du(&dir),
             stop: v.gap_since(t0).map_or(Stop::None, Stop::Gap),
+            ..Run::default()
         });
         res.gcore = Some(r);
         let _ = std::fs::remove_dir_all(&dir);
     }
     v.finish();
 
-    // Kill mode: a fresh victim per round.
-    for _ in 0..rounds {
+    // Kill mode: a fresh victim (one run: big victims take seconds to build).
+    {
         let v = Victim::spawn(&w.args);
         warm(w.warm);
-        let mut run = pdump_dump(v.pid, &dir, false, tree)
+        let mut run = pdump_dump(v.pid, &dir, false, tree, false)
             .unwrap_or_else(|e| panic!("{}: pdump dump failed: {e}", w.name));
         run.stop = Stop::Killed;
         v.reap();
@@ -522,7 +555,7 @@ fn main() {
     let rounds: usize = std::env::var("PDUMP_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(if quick { 1 } else { 2 });
+        .unwrap_or(2);
     let feats = features();
     let tools = (installed("criu"), installed("gcore"));
     let t_all = Instant::now();
@@ -570,7 +603,7 @@ fn main() {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     println!(
-        "\npdump benchmarks: {} CPUs ({cpu}), Linux {kernel}, images in {}; best of {rounds} round(s) after a warm-up round{}\n",
+        "\npdump benchmarks: {} CPUs ({cpu}), Linux {kernel}, images in {}; best of {rounds} alternating round(s) (kill mode, criu, gcore: one run){}\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         base_dir().display(),
         if quick { ", QUICK sizes" } else { "" }
@@ -614,6 +647,9 @@ fn main() {
         };
         if let Some(b) = best(&r.pdump_r) {
             row("pdump -R", &b, (na_restore, na_core));
+        }
+        if let Some(b) = best(&r.pdump_copy) {
+            row("pdump -R, dumper scan", &b, ("-", "-"));
         }
         if let Some(b) = best(&r.pdump_kill) {
             row("pdump (kill)", &b, (na_restore, "-"));

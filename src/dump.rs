@@ -971,6 +971,15 @@ fn dump_pages(
         },
     )?;
     drop(plan);
+    // Exact capacities: with tens of thousands of mappings of a run or two
+    // each, `push`'s first allocation (4 runs) would cost 160 bytes apiece.
+    let mut per_vma = vec![0usize; vmas.len()];
+    for (i, _) in &streamed.runs {
+        per_vma[*i] += 1;
+    }
+    for (v, n) in vmas.iter_mut().zip(per_vma) {
+        v.pages.reserve_exact(n);
+    }
     let mut npages = 0;
     for (i, r) in streamed.runs {
         npages += r.npages;

@@ -286,6 +286,7 @@ fn parse_smaps_from(
             None => {}
         }
     }
+    out.shrink_to_fit();
     Ok(out)
 }
 
