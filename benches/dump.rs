@@ -192,8 +192,7 @@ fn timed_child(mut cmd: Command) -> Result<(Duration, u64), String> {
     if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         let last = msg
             .lines()
-            .filter(|l| l.contains("Error") || l.contains("error"))
-            .next_back()
+            .rfind(|l| l.contains("Error") || l.contains("error"))
             .or_else(|| msg.lines().next_back())
             .unwrap_or("")
             .to_string();
@@ -268,7 +267,7 @@ fn features() -> Features {
         .unwrap_or_default();
     let has = |cmd: &str| {
         out.lines()
-            .any(|l| l.trim_start().split_whitespace().next() == Some(cmd))
+            .any(|l| l.split_whitespace().next() == Some(cmd))
     };
     Features {
         restore: has("restore"),
