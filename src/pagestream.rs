@@ -19,10 +19,10 @@
 //! per drainer and the list of page runs, whatever the size of the target.
 //!
 //! Zero pages are detected in the data and become zero runs
-//! ([`model::PageRun::zero`]), which have no bytes in the page file. The
+//! ([`PageRun::zero`]), which have no bytes in the page file. The
 //! CRC32C of each data run is computed from the bytes as they pass (no second
-//! pass over the file); runs that continue across chunks are merged with
-//! `crc32c_combine`.
+//! pass over the file). Zero runs continue across chunks; data runs end at
+//! chunk boundaries (at most 1 MiB each).
 //!
 //! Failure never hangs: a drainer waiting for data stops when the chunk's
 //! command has finished and its pipe is empty (a short vmsplice), and after
@@ -371,16 +371,18 @@ impl Drainer {
                 if !s.zero {
                     o.offset += len;
                 }
+                // Zero runs continue across chunks; data runs do not (their
+                // CRCs would have to be combined under this lock, which costs
+                // tens of microseconds per chunk): a data run spans at most
+                // one chunk, 1 MiB.
                 match o.runs.last_mut() {
                     Some((vma, r))
                         if *vma == s.vma
-                            && r.zero == s.zero
+                            && r.zero
+                            && s.zero
                             && r.addr + r.len() == s.addr
-                            && r.offset + r.file_len() == offset =>
+                            && r.offset == offset =>
                     {
-                        if !s.zero {
-                            r.crc32c = crc32c::crc32c_combine(r.crc32c, s.crc, len as usize);
-                        }
                         r.npages += s.npages;
                     }
                     _ => o.runs.push((
@@ -685,7 +687,10 @@ pub fn stream(
         None
     };
     let drainers = drainers_for(total, opts.threads);
-    let npipes = drainers.max(2);
+    // Twice as many pipes as drainers: the parasite fills a pipe whose
+    // drainer is not splicing from it at the same time (they would contend
+    // for the pipe's lock).
+    let npipes = (drainers * 2).clamp(2, pdump_parasite::MAX_PIPES);
     let inf = |step| move |source| DumpError::Infect { pid, step, source };
     let pipes = parasite
         .page_pipes(npipes, opts.pipe_size)
