@@ -176,11 +176,8 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
         // exist, so they are born in it (a leader's group cannot be joined
         // from a pid namespace below, where the leader is invisible).
         // SAFETY: setpgid with integer arguments.
-        check(
-            step::PGID,
-            unsafe { libc::setpgid(0, 0) } as libc::c_long,
-            0,
-        )?;
+        let r = unsafe { libc::setpgid(0, 0) };
+        check(step::PGID, r as libc::c_long, 0)?;
     }
     slot.step.store(step::CHILDREN, SeqCst);
     for &c in &t.children {
