@@ -372,6 +372,8 @@ struct Results {
     pdump_kill: Vec<Run>,
     reference: Vec<Run>,
     criu: Option<Result<Run, String>>,
+    /// `pdump restore` of the kill-mode image, checked by the restored victim.
+    restore: Option<Result<Run, String>>,
     gcore: Option<Result<Run, String>>,
 }
 
@@ -410,7 +412,7 @@ fn pids_of(root: i32, tree: bool) -> Vec<i32> {
     }
 }
 
-fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool)) -> Results {
+fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Features) -> Results {
     let mut res = Results::default();
     let dir = base_dir().join(format!("pdump-bench-{}-{}", std::process::id(), w.name));
     let ref_path = base_dir().join(format!("pdump-bench-{}-ref.bin", std::process::id()));
@@ -513,18 +515,105 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool)) -> Results {
     }
     v.finish();
 
-    // Kill mode: a fresh victim (one run: big victims take seconds to build).
+    // Kill mode: a fresh victim (one run: big victims take seconds to build),
+    // then, where pdump has `restore`, the image restored and the restored
+    // victim's own final check.
     {
         let v = Victim::spawn(&w.args);
+        let pids = pids_of(v.pid, w.tree);
         warm(w.warm);
         let mut run = pdump_dump(v.pid, &dir, false, tree, false)
             .unwrap_or_else(|e| panic!("{}: pdump dump failed: {e}", w.name));
         run.stop = Stop::Killed;
         v.reap();
+        if feats.restore {
+            warm(w.warm);
+            res.restore = Some(restore_and_check(&dir, &pids));
+        }
         let _ = std::fs::remove_dir_all(&dir);
         res.pdump_kill.push(run);
     }
     res
+}
+
+/// `pdump restore --shell-job` of the checkpoint in `dir` (whose processes
+/// were `pids`, now dead); the restored root writes into a pipe we read, and
+/// after SIGTERM its final self-check must say OK. Returns the restore's
+/// wall time and peak RSS.
+fn restore_and_check(dir: &Path, pids: &[i32]) -> Result<Run, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        if Instant::now() > deadline {
+            return Err("the dumped processes did not go away".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = tempfile("restore-stderr");
+    let pidfile = tempfile("restore-pid");
+    let mut cmd = Command::new(pdump_bin());
+    cmd.args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .env("PDUMP_REPORT_HWM", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?);
+    let t = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    let out = child.stdout.take().expect("piped stdout");
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child; `status` and `ru` are out-parameters.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let wall = t.elapsed();
+    std::mem::forget(child); // reaped above
+    let msg = std::fs::read_to_string(&err).unwrap_or_default();
+    let _ = std::fs::remove_file(&err);
+    let rss = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS (VmHWM):"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+    if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        let last = msg.lines().find(|l| l.starts_with("error")).unwrap_or("");
+        return Err(last.trim_start_matches("error: ").to_string());
+    }
+    // pdump prints the root's pid; the restored victim writes the rest.
+    let root: i32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or("no root pid from pdump restore")?;
+    let _ = std::fs::remove_file(&pidfile);
+    let (tx, lines) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    // SAFETY: kill with the pid pdump restore reported.
+    unsafe { libc::kill(root, libc::SIGTERM) };
+    loop {
+        match lines.recv_timeout(Duration::from_secs(600)) {
+            Ok(l) if l.starts_with("OK") => break,
+            Ok(l) if l.starts_with("FAIL") => {
+                let l: String = l.chars().take(100).collect();
+                return Err(format!("the restored victim's check: {l}"));
+            }
+            Ok(_) => continue, // the root's pid, GAP lines
+            Err(_) => return Err("the restored victim never reported".into()),
+        }
+    }
+    Ok(Run {
+        wall,
+        rss_kib: rss,
+        ..Run::default()
+    })
 }
 
 fn fmt_stop(s: Stop) -> String {
@@ -580,7 +669,7 @@ fn main() {
         }
         eprintln!("bench: {} ...", w.name);
         let t = Instant::now();
-        let r = run_workload(&w, rounds, tools);
+        let r = run_workload(&w, rounds, tools, feats);
         eprintln!(
             "bench: {} done in {:.1} s",
             w.name,
@@ -613,11 +702,7 @@ fn main() {
     );
     println!("| workload | method | wall s | GB/s | target's longest stop ms | dumper peak RSS MiB | image MiB | x ref | x criu | x gcore | restore s | core s |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let na_restore = if feats.restore {
-        "not timed yet"
-    } else {
-        "n/a"
-    };
+    let na_restore = "n/a";
     let na_core = if feats.core { "not timed yet" } else { "n/a" };
     for (w, r) in &table {
         let refr = best(&r.reference);
@@ -645,13 +730,22 @@ fn main() {
             );
         };
         if let Some(b) = best(&r.pdump_r) {
-            row("pdump -R", &b, (na_restore, na_core));
+            row("pdump -R", &b, ("-", na_core));
         }
         if let Some(b) = best(&r.pdump_copy) {
             row("pdump -R, dumper scan", &b, ("-", "-"));
         }
         if let Some(b) = best(&r.pdump_kill) {
-            row("pdump (kill)", &b, (na_restore, "-"));
+            let restore = match &r.restore {
+                Some(Ok(rr)) => format!(
+                    "{:.3} (OK, {} MiB)",
+                    rr.wall.as_secs_f64(),
+                    rr.rss_kib.map_or("-".into(), |k| mib(k * 1024))
+                ),
+                Some(Err(e)) => format!("failed: {}", e.replace('|', "/")),
+                None => na_restore.to_string(),
+            };
+            row("pdump (kill)", &b, (&restore, "-"));
         }
         if let Some(b) = &refr {
             row("process_vm_readv ref", b, ("-", "-"));
