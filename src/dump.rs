@@ -800,7 +800,15 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
             cow: Some(pending),
         });
     }
-    let (runs_bytes, _pages) = dump_pages(seized, &mut parasite, &mut vmas, &opts.dir, opts)?;
+    // Memory the kernel writes while the parasite runs: rseq areas.
+    let volatile: Vec<(u64, u64)> = proc_img
+        .threads
+        .iter()
+        .filter_map(|t| t.rseq.as_ref())
+        .map(|r| (r.abi_pointer, u64::from(r.abi_size)))
+        .collect();
+    let (runs_bytes, _pages) =
+        dump_pages(seized, &mut parasite, &mut vmas, &volatile, &opts.dir, opts)?;
     proc_img.vmas = vmas;
     proc_img.pages_bytes = runs_bytes;
     parasite.cure().map_err(inf("curing"))?;
@@ -898,6 +906,7 @@ fn dump_pages(
     seized: &Seized,
     parasite: &mut Parasite<'_>,
     vmas: &mut [model::Vma],
+    volatile: &[(u64, u64)],
     dir: &Path,
     opts: &DumpOptions,
 ) -> Result<(u64, u64)> {
@@ -958,18 +967,15 @@ fn dump_pages(
                 }),
         );
     }
-    let streamed = crate::pagestream::stream(
-        pid,
-        parasite,
-        &plan,
-        &file,
-        &path,
-        crate::pagestream::StreamOptions {
-            pipe_size: opts.pipe_size.min(pipe_max_size()),
-            threads: opts.page_threads,
-            dumper_scan: opts.dumper_scan,
-        },
-    )?;
+    let sopts = crate::pagestream::StreamOptions {
+        pipe_size: opts.pipe_size.min(pipe_max_size()),
+        threads: opts.page_threads,
+        dumper_scan: opts.dumper_scan,
+    };
+    if crate::pagestream::scan_mode(&sopts) {
+        plan = crate::pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
+    }
+    let streamed = crate::pagestream::stream(pid, parasite, &plan, &file, &path, sopts)?;
     drop(plan);
     // Exact capacities: with tens of thousands of mappings of a run or two
     // each, `push`'s first allocation (4 runs) would cost 160 bytes apiece.

@@ -644,6 +644,73 @@ fn cpus() -> usize {
         .unwrap_or(2)
 }
 
+/// Whether `stream` will let the parasite find zero pages and CRCs (scan
+/// mode) with these options.
+pub fn scan_mode(opts: &StreamOptions) -> bool {
+    !opts.dumper_scan && parasite_can_scan()
+}
+
+/// Prepare a plan for scan mode, where the parasite computes a page's CRC
+/// before the page is copied into the file: a page that changes in between
+/// would not match its CRC. In a frozen task that can happen to
+///
+/// * shared mappings (another process may write them), and
+/// * each thread's rseq area (`volatile`: address and length), which the
+///   kernel rewrites (cpu id, mm_cid) whenever the thread the parasite runs
+///   on is scheduled;
+///
+/// so those pages are read by the dumper (through /proc/PID/mem), which
+/// computes the CRC of exactly what it writes.
+pub fn guard_plan(
+    plan: Vec<PlanRun>,
+    shared: impl Fn(usize) -> bool,
+    volatile: &[(u64, u64)],
+) -> Vec<PlanRun> {
+    let mut pages: Vec<(u64, u64)> = volatile
+        .iter()
+        .filter(|(_, len)| *len > 0)
+        .map(|&(a, len)| (a & !(PAGE - 1), (a + len + PAGE - 1) & !(PAGE - 1)))
+        .collect();
+    pages.sort_unstable();
+    let mut out = Vec::with_capacity(plan.len());
+    for r in plan {
+        if r.via_mem || shared(r.vma) {
+            out.push(PlanRun { via_mem: true, ..r });
+            continue;
+        }
+        let mut at = r.addr;
+        let end = r.addr + r.len;
+        for &(s, e) in &pages {
+            let (s, e) = (s.max(at), e.min(end));
+            if s >= e {
+                continue;
+            }
+            if s > at {
+                out.push(PlanRun {
+                    addr: at,
+                    len: s - at,
+                    ..r
+                });
+            }
+            out.push(PlanRun {
+                addr: s,
+                len: e - s,
+                via_mem: true,
+                ..r
+            });
+            at = e;
+        }
+        if at < end {
+            out.push(PlanRun {
+                addr: at,
+                len: end - at,
+                ..r
+            });
+        }
+    }
+    out
+}
+
 /// Drainer threads for `bytes` of pages: none below [`THREADED_MIN_BYTES`],
 /// else the CPUs not busy with other processes' dumps (at least one).
 fn drainers_for(bytes: u64, asked: usize) -> usize {
@@ -726,7 +793,7 @@ pub fn stream(
         npipes,
     };
 
-    let scan = !opts.dumper_scan && parasite_can_scan();
+    let scan = scan_mode(&opts);
     let cmd = if scan {
         pdump_parasite::cmd::VMSPLICE_SCAN
     } else {
@@ -903,6 +970,36 @@ mod tests {
         p[4095] = 0;
         p[0] = 0x80;
         assert!(!is_zero_page(&p));
+    }
+
+    #[test]
+    fn guarded_plan_reads_rseq_pages_and_shared_mappings_itself() {
+        let run = |vma, addr, pages| PlanRun {
+            vma,
+            addr,
+            len: pages * PAGE,
+            via_mem: false,
+        };
+        let plan = vec![run(0, 0x10000, 8), run(1, 0x40000, 2), run(2, 0x50000, 1)];
+        // rseq areas of two threads: one inside page 3 of run 0, one
+        // straddling pages 6 and 7 of it.
+        let vol = [(0x13020, 32), (0x16ff0, 32)];
+        let g = guard_plan(plan, |vma| vma == 1, &vol);
+        let got: Vec<(usize, u64, u64, bool)> = g
+            .iter()
+            .map(|r| (r.vma, r.addr, r.len / PAGE, r.via_mem))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0x10000, 3, false),
+                (0, 0x13000, 1, true),
+                (0, 0x14000, 2, false),
+                (0, 0x16000, 2, true),
+                (1, 0x40000, 2, true),
+                (2, 0x50000, 1, false),
+            ]
+        );
     }
 
     #[test]
