@@ -450,6 +450,9 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Feature
                 }
             };
             run.stop = v.gap_since(t0).map_or(Stop::None, Stop::Gap);
+            if m != Method::Reference {
+                verify(&dir, w.name);
+            }
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(&ref_path);
             match m {
@@ -526,6 +529,7 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Feature
             .unwrap_or_else(|e| panic!("{}: pdump dump failed: {e}", w.name));
         run.stop = Stop::Killed;
         v.reap();
+        verify(&dir, w.name);
         if feats.restore {
             warm(w.warm);
             res.restore = Some(restore_and_check(&dir, &pids));
@@ -534,6 +538,14 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Feature
         res.pdump_kill.push(run);
     }
     res
+}
+
+/// Every image a timed run wrote must open and pass its page checksums
+/// (after the timing).
+fn verify(dir: &Path, name: &str) {
+    if let Err(e) = pdump::image::Checkpoint::open(dir).and_then(|c| c.verify_pages()) {
+        panic!("{name}: the checkpoint in {} is bad: {e}", dir.display());
+    }
 }
 
 /// `pdump restore --shell-job` of the checkpoint in `dir` (whose processes
