@@ -391,6 +391,10 @@ fn pdump_dump(
         .env("PDUMP_DUMPER_SCAN", if dumper_scan { "1" } else { "0" });
     if leave_running {
         c.arg("-R");
+        if dumper_scan {
+            // The frozen path's copy mode (the snapshot path has its own).
+            c.arg("--no-cow");
+        }
     }
     if tree {
         c.arg("--subtree");
@@ -745,7 +749,7 @@ fn main() {
             row("pdump -R", &b, ("-", na_core));
         }
         if let Some(b) = best(&r.pdump_copy) {
-            row("pdump -R, dumper scan", &b, ("-", "-"));
+            row("pdump -R --no-cow, dumper scan", &b, ("-", "-"));
         }
         if let Some(b) = best(&r.pdump_kill) {
             let restore = match &r.restore {
