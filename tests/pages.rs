@@ -37,6 +37,7 @@ fn dump(pid: i32, dir: &std::path::Path, dumper_scan: bool) {
             "-D",
             dir.to_str().unwrap(),
             "-R",
+            "--no-cow", // the frozen path (the snapshot path streams on its own)
         ])
         .env("PDUMP_DUMPER_SCAN", if dumper_scan { "1" } else { "0" })
         .output()
