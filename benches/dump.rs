@@ -1,14 +1,26 @@
-//! `cargo bench`: seize+infect+cure cost per task, and dump throughput of a
-//! memory-heavy victim next to a process_vm_readv copy of the same memory to
-//! the same disk, measured in the same run (A/B alternated, memory warmed).
+//! `cargo bench`: pdump on memory-heavy workloads, next to a
+//! process_vm_readv copy of the same memory to the same disk (the
+//! reference), CRIU and gdb's `gcore` when they are installed, all measured
+//! in the same run.
 //!
-//! Needs root. `PDUMP_BENCH_MIB` sets the victim size (default 1024).
+//! Needs root. Every workload is a self-checking `pdump-victim` mode (it
+//! verifies all its memory when it ends, so a dump that corrupted it fails
+//! the bench) with a watchdog thread that reports the longest stop it saw
+//! (`GAP` lines). Memory is warmed before every timed run (this host takes
+//! free memory back after ~2 s idle, which makes first touches ~4x slower),
+//! and the order of pdump and the reference alternates between rounds.
+//!
+//! Arguments (after `--`) select workloads by name substring; environment:
+//! `PDUMP_BENCH_QUICK=1` (smaller sizes), `PDUMP_BENCH_ROUNDS=N`
+//! (timed rounds per method, default 2, best reported), `PDUMP_BENCH_DIR`
+//! (where images go, default the temp dir).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use pdump::dump::{dump_process, dump_tree, DumpOptions};
 use pdump::infect::Parasite;
 use pdump::ptrace::Seized;
 
@@ -16,35 +28,105 @@ fn victim_bin() -> &'static str {
     env!("CARGO_BIN_EXE_pdump-victim")
 }
 
+fn pdump_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pdump")
+}
+
+/// A running victim; its stdout lines arrive with their arrival time.
 struct Victim {
     child: std::process::Child,
     pid: i32,
+    lines: Receiver<(Instant, String)>,
+    gone: bool,
+}
+
+impl Victim {
+    fn spawn(args: &[String]) -> Victim {
+        let mut child = Command::new(victim_bin())
+            .args(args)
+            .env("PDUMP_VICTIM_GAPS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pdump-victim");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send((Instant::now(), l)).is_err() {
+                    break;
+                }
+            }
+        });
+        let (_, l) = lines
+            .recv_timeout(Duration::from_secs(600))
+            .expect("victim READY line");
+        assert!(l.starts_with("READY"), "victim {args:?} said {l:?}");
+        let pid: i32 = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+        Victim {
+            child,
+            pid,
+            lines,
+            gone: false,
+        }
+    }
+
+    /// The longest stop the victim reported since `t0` (after a short wait
+    /// for its watchdog to wake up and say so); `None` if it reported none
+    /// (no stop of 3 ms or more).
+    fn gap_since(&self, t0: Instant) -> Option<Duration> {
+        std::thread::sleep(Duration::from_millis(60));
+        let mut max = None;
+        while let Ok((t, l)) = self.lines.try_recv() {
+            if let Some(us) = l.strip_prefix("GAP ") {
+                let d = Duration::from_micros(us.trim().parse().unwrap_or(0));
+                if t >= t0 {
+                    max = max.max(Some(d));
+                }
+            } else {
+                panic!("victim {} said {l:?} while running", self.pid);
+            }
+        }
+        max
+    }
+
+    /// SIGTERM, then its final self-check must say OK.
+    fn finish(mut self) {
+        // SAFETY: kill with the pid of our child.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((_, l)) if l.starts_with("GAP") => continue,
+                Ok((_, l)) if l.starts_with("OK") => break,
+                Ok((_, l)) => panic!("victim {} failed its self-check: {l}", self.pid),
+                Err(e) => panic!("victim {}: no final line ({e})", self.pid),
+            }
+        }
+        let _ = self.child.wait();
+        self.gone = true;
+    }
+
+    /// The victim was killed by a dump: reap it.
+    fn reap(mut self) {
+        let _ = self.child.wait();
+        self.gone = true;
+    }
 }
 
 impl Drop for Victim {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !self.gone {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
-fn spawn(args: &[&str]) -> Victim {
-    let mut child = Command::new(victim_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn pdump-victim");
-    let mut l = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut l)
-        .unwrap();
-    assert!(l.starts_with("READY"), "victim said {l:?}");
-    let pid = child.id() as i32;
-    Victim { child, pid }
-}
-
-/// Allocate, touch and free `bytes` so the host hands the memory to us before timing.
+/// Allocate, touch and free `bytes` so the host hands the memory to us
+/// before timing.
 fn warm(bytes: usize) {
     let mut v = vec![0u8; bytes];
     for i in (0..bytes).step_by(4096) {
@@ -53,42 +135,513 @@ fn warm(bytes: usize) {
     std::hint::black_box(&v);
 }
 
-/// The reference: copy every present page of the victim with process_vm_readv
-/// into a file on the same disk.
-fn reference_copy(pid: i32, path: &std::path::Path) -> (Duration, u64) {
+/// Bytes of every file under `p` (apparent sizes).
+fn du(p: &Path) -> u64 {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|d| d.flatten().map(|e| du(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    wall: Duration,
+    /// The target's longest stop, as it measured it.
+    stop: Stop,
+    /// Peak RSS of the dumping process (KiB), where it is a child.
+    rss_kib: Option<u64>,
+    image: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum Stop {
+    #[default]
+    None,
+    Gap(Duration),
+    Killed,
+}
+
+/// Run a command to completion as a child; wall time and its peak RSS in
+/// KiB: the `peak RSS (VmHWM): N kB` line it printed (pdump does with
+/// `PDUMP_REPORT_HWM=1`), else getrusage's ru_maxrss, which counts this
+/// bench's own peak too when the child was spawned with vfork (so it is
+/// only an upper bound for other tools).
+fn timed_child(mut cmd: Command) -> Result<(Duration, u64), String> {
+    let err = tempfile("stderr");
+    cmd.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?);
     let t = Instant::now();
-    let vmas = pdump::procfs::maps(pid).unwrap();
-    let mut pm = pdump::procfs::Pagemap::open(pid).unwrap();
+    let child = cmd.spawn().map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child; `status` and `ru` are out-parameters.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let wall = t.elapsed();
+    std::mem::forget(child); // reaped above
+    let msg = std::fs::read_to_string(&err).unwrap_or_default();
+    let _ = std::fs::remove_file(&err);
+    let hwm = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS (VmHWM):"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+    if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        let last = msg
+            .lines()
+            .rfind(|l| l.contains("Error") || l.contains("error"))
+            .or_else(|| msg.lines().next_back())
+            .unwrap_or("")
+            .to_string();
+        return Err(format!("exit status {status:#x}: {last}"));
+    }
+    Ok((wall, hwm.unwrap_or(ru.ru_maxrss as u64)))
+}
+
+fn tempfile(tag: &str) -> PathBuf {
+    base_dir().join(format!("{tag}-{}", std::process::id()))
+}
+
+fn base_dir() -> PathBuf {
+    std::env::var_os("PDUMP_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// The reference: copy every present page of every process of the tree of
+/// `pids` with process_vm_readv (4 MiB at a time) into one file.
+fn reference_copy(pids: &[i32], path: &Path) -> (Duration, u64) {
+    use std::io::Write;
+    let t = Instant::now();
     let mut f = std::fs::File::create(path).unwrap();
     let mut buf = vec![0u8; 4 << 20];
     let mut total = 0u64;
-    for v in vmas.iter().filter(|v| v.prot & 1 != 0 && !v.shared) {
-        for (addr, n) in pm.present_ranges(v.start, v.end).unwrap_or_default() {
-            let mut off = 0u64;
-            let len = n * 4096;
-            while off < len {
-                let chunk = (len - off).min(buf.len() as u64) as usize;
-                let local = libc::iovec {
-                    iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-                    iov_len: chunk,
-                };
-                let remote = libc::iovec {
-                    iov_base: (addr + off) as *mut libc::c_void,
-                    iov_len: chunk,
-                };
-                // SAFETY: one local buffer we own and one remote range.
-                let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-                if r <= 0 {
-                    break;
+    for &pid in pids {
+        let vmas = pdump::procfs::maps(pid).unwrap();
+        let mut pm = pdump::procfs::Pagemap::open(pid).unwrap();
+        for v in vmas.iter().filter(|v| v.prot & 1 != 0 && !v.shared) {
+            for (addr, n) in pm.present_ranges(v.start, v.end).unwrap_or_default() {
+                let mut off = 0u64;
+                let len = n * 4096;
+                while off < len {
+                    let chunk = (len - off).min(buf.len() as u64) as usize;
+                    let local = libc::iovec {
+                        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                        iov_len: chunk,
+                    };
+                    let remote = libc::iovec {
+                        iov_base: (addr + off) as *mut libc::c_void,
+                        iov_len: chunk,
+                    };
+                    // SAFETY: one local buffer we own and one remote range.
+                    let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+                    if r <= 0 {
+                        break;
+                    }
+                    f.write_all(&buf[..r as usize]).unwrap();
+                    off += r as u64;
+                    total += r as u64;
                 }
-                f.write_all(&buf[..r as usize]).unwrap();
-                off += r as u64;
-                total += r as u64;
             }
         }
     }
     f.flush().unwrap();
     (t.elapsed(), total)
+}
+
+/// What the installed pdump can do besides dumping (by its `--help`).
+#[derive(Clone, Copy, Debug)]
+struct Features {
+    restore: bool,
+    core: bool,
+}
+
+fn features() -> Features {
+    let out = Command::new(pdump_bin())
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let has = |cmd: &str| {
+        out.lines()
+            .any(|l| l.split_whitespace().next() == Some(cmd))
+    };
+    Features {
+        restore: has("restore"),
+        core: has("core"),
+    }
+}
+
+fn installed(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A workload: a victim mode and how to treat it.
+struct Workload {
+    name: &'static str,
+    args: Vec<String>,
+    /// Bytes to warm before each timed run (about the image size).
+    warm: usize,
+    /// A process tree (gcore dumps one process only).
+    tree: bool,
+    /// Why gcore is not run, if it is not.
+    no_gcore: Option<&'static str>,
+    /// Also time pdump with `PDUMP_DUMPER_SCAN=1`.
+    copy_mode: bool,
+}
+
+fn workloads(quick: bool) -> Vec<Workload> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (g1, g4) = if quick { (256, 1024) } else { (1024, 4096) };
+    let (sp_map, sp_touch) = if quick { (16384, 64) } else { (65536, 256) };
+    let nmaps = if quick { 10_000 } else { 50_000 };
+    let w = |name, args: Vec<String>, warm: usize| Workload {
+        name,
+        args,
+        warm,
+        tree: false,
+        no_gcore: None,
+        copy_mode: false,
+    };
+    vec![
+        w("1g", s(&["fill", &g1.to_string(), "none"]), g1 << 20),
+        w(
+            "1g-halfzero",
+            s(&["fill", &g1.to_string(), "half"]),
+            g1 << 20,
+        ),
+        Workload {
+            copy_mode: true,
+            ..w("4g", s(&["fill", &g4.to_string(), "none"]), g4 << 20)
+        },
+        Workload {
+            copy_mode: true,
+            ..w(
+                "4g-halfzero",
+                s(&["fill", &g4.to_string(), "half"]),
+                g4 << 20,
+            )
+        },
+        Workload {
+            no_gcore: Some("gcore writes every mapped byte (64 GiB)"),
+            ..w(
+                "sparse64g",
+                s(&["sparse", &sp_map.to_string(), &sp_touch.to_string()]),
+                sp_touch << 20,
+            )
+        },
+        w("maps50k", s(&["maps", &nmaps.to_string()]), nmaps * 4096),
+        Workload {
+            tree: true,
+            no_gcore: Some("a tree (gcore dumps one process)"),
+            ..w("tree200", s(&["tree-preset", "wide200"]), 256 << 20)
+        },
+        Workload {
+            no_gcore: None,
+            ..w("threads64", s(&["tree-preset", "threads64"]), 64 << 20)
+        },
+        w("writer1g", s(&["writer", &g1.to_string()]), g1 << 20),
+    ]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    PdumpR,
+    PdumpRCopy,
+    Reference,
+}
+
+/// Best (shortest wall) of several runs.
+fn best(runs: &[Run]) -> Option<Run> {
+    runs.iter().min_by_key(|r| r.wall).cloned()
+}
+
+/// Results of one workload.
+#[derive(Default)]
+struct Results {
+    bytes: u64,
+    pdump_r: Vec<Run>,
+    pdump_copy: Vec<Run>,
+    pdump_kill: Vec<Run>,
+    reference: Vec<Run>,
+    criu: Option<Result<Run, String>>,
+    /// `pdump restore` of the kill-mode image, checked by the restored victim.
+    restore: Option<Result<Run, String>>,
+    gcore: Option<Result<Run, String>>,
+}
+
+fn pdump_dump(
+    pid: i32,
+    dir: &Path,
+    leave_running: bool,
+    tree: bool,
+    dumper_scan: bool,
+) -> Result<Run, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut c = Command::new(pdump_bin());
+    c.args(["dump", "-t", &pid.to_string(), "-D", dir.to_str().unwrap()])
+        .env("PDUMP_REPORT_HWM", "1")
+        .env("PDUMP_DUMPER_SCAN", if dumper_scan { "1" } else { "0" });
+    if leave_running {
+        c.arg("-R");
+        if dumper_scan {
+            // The frozen path's copy mode (the snapshot path has its own).
+            c.arg("--no-cow");
+        }
+    }
+    if tree {
+        c.arg("--subtree");
+    }
+    let (wall, rss) = timed_child(c)?;
+    Ok(Run {
+        wall,
+        rss_kib: Some(rss),
+        image: du(dir),
+        ..Run::default()
+    })
+}
+
+fn pids_of(root: i32, tree: bool) -> Vec<i32> {
+    if tree {
+        pdump::tree::collect(root).unwrap().alive()
+    } else {
+        vec![root]
+    }
+}
+
+fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Features) -> Results {
+    let mut res = Results::default();
+    let dir = base_dir().join(format!("pdump-bench-{}-{}", std::process::id(), w.name));
+    let ref_path = base_dir().join(format!("pdump-bench-{}-ref.bin", std::process::id()));
+    let v = Victim::spawn(&w.args);
+    let pids = pids_of(v.pid, w.tree);
+    let tree = w.tree;
+    // pdump, the reference (and on big single processes pdump with the
+    // dumper finding zero pages and CRCs, for comparison) take turns; the
+    // order is reversed every other round.
+    let mut methods = vec![Method::PdumpR, Method::Reference];
+    if w.copy_mode {
+        methods.push(Method::PdumpRCopy);
+    }
+    for round in 0..rounds {
+        let mut order = methods.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for m in order {
+            warm(w.warm);
+            let t0 = Instant::now();
+            let mut run = match m {
+                Method::PdumpR | Method::PdumpRCopy => {
+                    pdump_dump(v.pid, &dir, true, tree, m == Method::PdumpRCopy)
+                        .unwrap_or_else(|e| panic!("{}: pdump dump -R failed: {e}", w.name))
+                }
+                Method::Reference => {
+                    let (wall, bytes) = reference_copy(&pids, &ref_path);
+                    res.bytes = bytes;
+                    Run {
+                        wall,
+                        image: du(&ref_path),
+                        ..Run::default()
+                    }
+                }
+            };
+            run.stop = v.gap_since(t0).map_or(Stop::None, Stop::Gap);
+            if m != Method::Reference {
+                verify(&dir, w.name);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(&ref_path);
+            match m {
+                Method::PdumpR => res.pdump_r.push(run),
+                Method::PdumpRCopy => res.pdump_copy.push(run),
+                Method::Reference => res.reference.push(run),
+            }
+        }
+    }
+    let (has_criu, has_gcore) = tools;
+    if has_criu {
+        warm(w.warm);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Command::new("criu");
+        c.args([
+            "dump",
+            "-t",
+            &v.pid.to_string(),
+            "-D",
+            dir.to_str().unwrap(),
+        ])
+        .args(["--leave-running", "--shell-job", "-o", "dump.log"]);
+        let t0 = Instant::now();
+        // (ru_maxrss would count this bench's own peak: see timed_child.)
+        let r = timed_child(c).map(|(wall, _)| Run {
+            wall,
+            image: du(&dir),
+            ..Run::default()
+        });
+        let r = r.map(|mut run| {
+            run.stop = v.gap_since(t0).map_or(Stop::None, Stop::Gap);
+            run
+        });
+        let r = r.map_err(|e| {
+            // CRIU logs its reason in dump.log.
+            let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+            // The first error with a reason (not "exited, status=1").
+            log.lines()
+                .find(|l| l.starts_with("Error") && !l.contains("exited, status"))
+                .map(|l| l.to_string())
+                .unwrap_or(e)
+        });
+        let _ = v.gap_since(Instant::now());
+        res.criu = Some(r);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if has_gcore && w.no_gcore.is_none() {
+        warm(w.warm);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Command::new("gcore");
+        c.args(["-o", dir.join("core").to_str().unwrap(), &v.pid.to_string()]);
+        let t0 = Instant::now();
+        let r = timed_child(c).map(|(wall, _)| Run {
+            wall,
+            image: du(&dir),
+            stop: v.gap_since(t0).map_or(Stop::None, Stop::Gap),
+            ..Run::default()
+        });
+        res.gcore = Some(r);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    v.finish();
+
+    // Kill mode: a fresh victim (one run: big victims take seconds to build),
+    // then, where pdump has `restore`, the image restored and the restored
+    // victim's own final check.
+    {
+        let v = Victim::spawn(&w.args);
+        let pids = pids_of(v.pid, w.tree);
+        warm(w.warm);
+        let mut run = pdump_dump(v.pid, &dir, false, tree, false)
+            .unwrap_or_else(|e| panic!("{}: pdump dump failed: {e}", w.name));
+        run.stop = Stop::Killed;
+        v.reap();
+        verify(&dir, w.name);
+        if feats.restore {
+            warm(w.warm);
+            res.restore = Some(restore_and_check(&dir, &pids));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        res.pdump_kill.push(run);
+    }
+    res
+}
+
+/// Every image a timed run wrote must open and pass its page checksums
+/// (after the timing).
+fn verify(dir: &Path, name: &str) {
+    if let Err(e) = pdump::image::Checkpoint::open(dir).and_then(|c| c.verify_pages()) {
+        panic!("{name}: the checkpoint in {} is bad: {e}", dir.display());
+    }
+}
+
+/// `pdump restore --shell-job` of the checkpoint in `dir` (whose processes
+/// were `pids`, now dead); the restored root writes into a pipe we read, and
+/// after SIGTERM its final self-check must say OK. Returns the restore's
+/// wall time and peak RSS.
+fn restore_and_check(dir: &Path, pids: &[i32]) -> Result<Run, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        if Instant::now() > deadline {
+            return Err("the dumped processes did not go away".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = tempfile("restore-stderr");
+    let pidfile = tempfile("restore-pid");
+    let mut cmd = Command::new(pdump_bin());
+    cmd.args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .env("PDUMP_REPORT_HWM", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?);
+    let t = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    let out = child.stdout.take().expect("piped stdout");
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child; `status` and `ru` are out-parameters.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let wall = t.elapsed();
+    std::mem::forget(child); // reaped above
+    let msg = std::fs::read_to_string(&err).unwrap_or_default();
+    let _ = std::fs::remove_file(&err);
+    let rss = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS (VmHWM):"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+    if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        let last = msg.lines().find(|l| l.starts_with("error")).unwrap_or("");
+        return Err(last.trim_start_matches("error: ").to_string());
+    }
+    // pdump prints the root's pid; the restored victim writes the rest.
+    let root: i32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or("no root pid from pdump restore")?;
+    let _ = std::fs::remove_file(&pidfile);
+    let (tx, lines) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    // SAFETY: kill with the pid pdump restore reported.
+    unsafe { libc::kill(root, libc::SIGTERM) };
+    loop {
+        match lines.recv_timeout(Duration::from_secs(600)) {
+            Ok(l) if l.starts_with("OK") => break,
+            Ok(l) if l.starts_with("FAIL") => {
+                let l: String = l.chars().take(100).collect();
+                return Err(format!("the restored victim's check: {l}"));
+            }
+            Ok(_) => continue, // the root's pid, GAP lines
+            Err(_) => return Err("the restored victim never reported".into()),
+        }
+    }
+    Ok(Run {
+        wall,
+        rss_kib: rss,
+        ..Run::default()
+    })
+}
+
+fn fmt_stop(s: Stop) -> String {
+    match s {
+        Stop::None => "<3".into(),
+        Stop::Gap(d) => format!("{:.0}", d.as_secs_f64() * 1e3),
+        Stop::Killed => "killed".into(),
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1u64 << 20) as f64)
 }
 
 fn main() {
@@ -97,18 +650,22 @@ fn main() {
         eprintln!("pdump benches need root; skipping");
         return;
     }
-    if std::env::args().any(|a| a == "--list") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
         return;
     }
-    let mib: usize = std::env::var("PDUMP_BENCH_MIB")
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let quick = std::env::var("PDUMP_BENCH_QUICK").as_deref() == Ok("1");
+    let rounds: usize = std::env::var("PDUMP_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1024);
-    let tmp = std::env::temp_dir().join(format!("pdump-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+        .unwrap_or(2);
+    let feats = features();
+    let tools = (installed("criu"), installed("gcore"));
+    let t_all = Instant::now();
 
-    // 1. seize + infect + cure per task.
-    let v = spawn(&["loop"]);
+    // seize + infect + cure per task.
+    let v = Victim::spawn(&["loop".to_string()]);
     let n = 300;
     let t = Instant::now();
     for _ in 0..n {
@@ -118,106 +675,132 @@ fn main() {
         s.detach().unwrap();
     }
     let per = t.elapsed() / n;
-    drop(v);
+    let _ = v.gap_since(t);
+    v.finish();
 
-    // 2. dump throughput of a memory-heavy victim vs process_vm_readv.
-    warm(mib << 20);
-    let pages = (mib << 20) / 4096;
-    let v = spawn(&["pattern", &pages.to_string(), "7"]);
-    let mut rows = Vec::new();
-    // Round 0 warms the page cache and the disk path for both and is not reported;
-    // then A/B alternate which goes first.
-    for round in 0..4 {
-        let dir = tmp.join(format!("dump-{round}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let opts = DumpOptions {
-            dir: dir.clone(),
-            leave_running: true,
-            ..DumpOptions::default()
-        };
-        let ref_path = tmp.join("ref.bin");
-        let (s, (rt, rbytes)) = if round % 2 == 1 {
-            let s = dump_process(v.pid, &opts).unwrap();
-            (s, reference_copy(v.pid, &ref_path))
-        } else {
-            let r = reference_copy(v.pid, &ref_path);
-            (dump_process(v.pid, &opts).unwrap(), r)
-        };
-        if round > 0 {
-            rows.push((s.total, s.frozen, s.pages * 4096, rt, rbytes));
+    let mut table = Vec::new();
+    for w in workloads(quick) {
+        if !filters.is_empty() && !filters.iter().any(|f| w.name.contains(f.as_str())) {
+            continue;
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::remove_file(&ref_path);
-    }
-    drop(v);
-    let _ = std::fs::remove_dir_all(&tmp);
-
-    // 3. Trees: a 200-process tree and a 64-thread process, against copying
-    // the same processes' memory with process_vm_readv in the same run.
-    let mut tree_rows = Vec::new();
-    for preset in ["wide200", "threads64"] {
-        let v = spawn(&["tree-preset", preset]);
-        let tree = pdump::tree::collect(v.pid).unwrap();
-        let pids = tree.alive();
-        let mut best = (Duration::MAX, Duration::MAX, Duration::MAX, 0usize, 0usize);
-        for round in 0..3 {
-            let dir = tmp.join(format!("tree-{preset}-{round}"));
-            let t = Instant::now();
-            let opts = DumpOptions {
-                dir: dir.clone(),
-                leave_running: true,
-                container: Some(false),
-                ..DumpOptions::default()
-            };
-            let s = dump_tree(v.pid, &opts).unwrap();
-            let dt = t.elapsed();
-            let t = Instant::now();
-            for p in &pids {
-                reference_copy(*p, &tmp.join("ref.bin"));
-            }
-            let rt = t.elapsed();
-            if dt < best.0 {
-                best = (dt, s.frozen, rt, s.processes, s.threads);
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-            let _ = std::fs::remove_file(tmp.join("ref.bin"));
-        }
-        tree_rows.push((preset, best));
-        drop(v);
+        eprintln!("bench: {} ...", w.name);
+        let t = Instant::now();
+        let r = run_workload(&w, rounds, tools, feats);
+        eprintln!(
+            "bench: {} done in {:.1} s",
+            w.name,
+            t.elapsed().as_secs_f64()
+        );
+        table.push((w, r));
     }
 
-    println!("\npdump benchmarks (same run, same disk; {mib} MiB victim)\n");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     println!(
-        "seize+infect+cure per task: {:.3} ms (mean of {n})",
+        "\npdump benchmarks: {} CPUs ({cpu}), Linux {kernel}, images in {}; best of {rounds} alternating round(s) (kill mode, criu, gcore: one run){}\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        base_dir().display(),
+        if quick { ", QUICK sizes" } else { "" }
+    );
+    println!(
+        "seize+infect+cure per task: {:.3} ms (mean of {n})\n",
         per.as_secs_f64() * 1e3
     );
-    println!();
-    println!("| round | pdump dump s | GB/s | frozen s | process_vm_readv copy s | GB/s | pdump/ref throughput |");
-    println!("|---|---|---|---|---|---|---|");
-    for (i, (dt, fz, b, rt, rb)) in rows.iter().enumerate() {
-        let g = *b as f64 / dt.as_secs_f64() / 1e9;
-        let rg = *rb as f64 / rt.as_secs_f64() / 1e9;
-        println!(
-            "| {i} | {:.3} | {:.2} | {:.3} | {:.3} | {:.2} | {:.2} |",
-            dt.as_secs_f64(),
-            g,
-            fz.as_secs_f64(),
-            rt.as_secs_f64(),
-            rg,
-            g / rg
-        );
+    println!("| workload | method | wall s | GB/s | target's longest stop ms | dumper peak RSS MiB | image MiB | x ref | x criu | x gcore | restore s | core s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let na_restore = "n/a";
+    let na_core = if feats.core { "not timed yet" } else { "n/a" };
+    for (w, r) in &table {
+        let refr = best(&r.reference);
+        let criu = r.criu.as_ref().and_then(|c| c.as_ref().ok()).cloned();
+        let gcore = r.gcore.as_ref().and_then(|c| c.as_ref().ok()).cloned();
+        let gbps = |run: &Run| r.bytes as f64 / run.wall.as_secs_f64() / 1e9;
+        let ratio = |run: &Run, other: &Option<Run>| match other {
+            Some(o) => format!("{:.2}", o.wall.as_secs_f64() / run.wall.as_secs_f64()),
+            None => "-".into(),
+        };
+        let row = |method: &str, run: &Run, extra: (&str, &str)| {
+            println!(
+                "| {} | {method} | {:.3} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                w.name,
+                run.wall.as_secs_f64(),
+                gbps(run),
+                fmt_stop(run.stop),
+                run.rss_kib.map_or("-".into(), |k| mib(k * 1024)),
+                mib(run.image),
+                ratio(run, &refr),
+                ratio(run, &criu),
+                ratio(run, &gcore),
+                extra.0,
+                extra.1,
+            );
+        };
+        if let Some(b) = best(&r.pdump_r) {
+            row("pdump -R", &b, ("-", na_core));
+        }
+        if let Some(b) = best(&r.pdump_copy) {
+            row("pdump -R --no-cow, dumper scan", &b, ("-", "-"));
+        }
+        if let Some(b) = best(&r.pdump_kill) {
+            let restore = match &r.restore {
+                Some(Ok(rr)) => format!(
+                    "{:.3} (OK, {} MiB)",
+                    rr.wall.as_secs_f64(),
+                    rr.rss_kib.map_or("-".into(), |k| mib(k * 1024))
+                ),
+                Some(Err(e)) => format!("failed: {}", e.replace('|', "/")),
+                None => na_restore.to_string(),
+            };
+            row("pdump (kill)", &b, (&restore, "-"));
+        }
+        if let Some(b) = &refr {
+            row("process_vm_readv ref", b, ("-", "-"));
+        }
+        match &r.criu {
+            Some(Ok(c)) => row("criu dump -R", c, ("-", "-")),
+            Some(Err(e)) => println!(
+                "| {} | criu dump -R | failed: {} | | | | | | | | | |",
+                w.name,
+                e.replace('|', "/")
+            ),
+            None => println!(
+                "| {} | criu dump -R | not installed | | | | | | | | | |",
+                w.name
+            ),
+        }
+        match (&r.gcore, w.no_gcore) {
+            (Some(Ok(g)), _) => row("gcore", g, ("-", "-")),
+            (Some(Err(e)), _) => println!(
+                "| {} | gcore | failed: {} | | | | | | | | | |",
+                w.name,
+                e.replace('|', "/")
+            ),
+            (None, Some(why)) => {
+                println!("| {} | gcore | skipped: {why} | | | | | | | | | |", w.name)
+            }
+            (None, None) => println!("| {} | gcore | not installed | | | | | | | | | |", w.name),
+        }
     }
-    println!();
-    println!("| tree | processes | threads | pdump dump s (best of 3) | frozen s | process_vm_readv of every process s | pdump/ref time |");
-    println!("|---|---|---|---|---|---|---|");
-    for (name, (dt, fz, rt, procs, threads)) in &tree_rows {
-        println!(
-            "| {name} | {procs} | {threads} | {:.3} | {:.3} | {:.3} | {:.2} |",
-            dt.as_secs_f64(),
-            fz.as_secs_f64(),
-            rt.as_secs_f64(),
-            dt.as_secs_f64() / rt.as_secs_f64()
-        );
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
+    println!(
+        "\nmemory per workload (bytes the reference copied): {}",
+        table
+            .iter()
+            .map(|(w, r)| format!("{} {} MiB", w.name, mib(r.bytes)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "bench time: {:.0} s; x ref / x criu / x gcore = that tool's wall time / this row's (above 1: faster)",
+        t_all.elapsed().as_secs_f64()
+    );
 }

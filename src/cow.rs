@@ -819,6 +819,7 @@ fn drain_pages(
                 npages,
                 offset,
                 crc32c: 0,
+                zero: false,
             })
             .collect();
     }

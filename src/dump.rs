@@ -21,7 +21,6 @@
 //! checkpoint.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -196,8 +195,17 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Page pipe size (bytes; capped by /proc/sys/fs/pipe-max-size).
     pub pipe_size: usize,
-    /// Largest batch of pages per parasite command (bytes).
+    /// Largest batch of pages per parasite command in the copy-on-write
+    /// snapshot path (bytes).
     pub batch_bytes: u64,
+    /// Threads that move a big process's pages (0: automatic, the CPUs not
+    /// busy with other processes; small processes use their tracer thread).
+    pub page_threads: usize,
+    /// Find zero pages and CRC32Cs in the dumper (every page is copied
+    /// through it) rather than in the parasite. The parasite does it where
+    /// the CPU has a CRC32 instruction (x86_64 with SSE4.2), unless this is
+    /// set; the CLI sets it with `PDUMP_DUMPER_SCAN=1`.
+    pub dumper_scan: bool,
     /// Container mode (refuse any leak): `None` picks it when the root is the
     /// init of a pid namespace, sub-tree mode otherwise.
     pub container: Option<bool>,
@@ -216,6 +224,8 @@ impl Default for DumpOptions {
             leave_running: true,
             pipe_size: 1 << 20,
             batch_bytes: 64 << 20,
+            page_threads: 0,
+            dumper_scan: std::env::var_os("PDUMP_DUMPER_SCAN").is_some_and(|v| v == "1"),
             container: None,
             workers: 0,
             cow: true,
@@ -646,6 +656,7 @@ fn alive(tree: &crate::tree::Tree) -> Vec<i32> {
 /// Dump one seized process (worker thread: its tracer). The process stays
 /// seized; the caller releases it.
 fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
+    let _active = crate::pagestream::ActiveGuard::new();
     let pid = seized.pid();
     let ptr = |step| move |source| DumpError::Ptrace { pid, step, source };
     let prc = |step| move |source| DumpError::Proc { pid, step, source };
@@ -789,12 +800,19 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
             cow: Some(pending),
         });
     }
-    let (runs_bytes, _pages) = dump_pages(seized, &mut parasite, &mut vmas, &opts.dir, opts)?;
+    // Memory the kernel writes while the parasite runs: rseq areas.
+    let volatile: Vec<(u64, u64)> = proc_img
+        .threads
+        .iter()
+        .filter_map(|t| t.rseq.as_ref())
+        .map(|r| (r.abi_pointer, u64::from(r.abi_size)))
+        .collect();
+    let (runs_bytes, _pages) =
+        dump_pages(seized, &mut parasite, &mut vmas, &volatile, &opts.dir, opts)?;
     proc_img.vmas = vmas;
     proc_img.pages_bytes = runs_bytes;
     parasite.cure().map_err(inf("curing"))?;
 
-    checksum_runs(&opts.dir, &mut proc_img).map_err(|source| DumpError::Image { pid, source })?;
     Ok(ProcessDump {
         img: proc_img,
         child_subreaper,
@@ -888,75 +906,41 @@ fn dump_pages(
     seized: &Seized,
     parasite: &mut Parasite<'_>,
     vmas: &mut [model::Vma],
+    volatile: &[(u64, u64)],
     dir: &Path,
     opts: &DumpOptions,
 ) -> Result<(u64, u64)> {
     let pid = seized.pid();
     let prc = |step| move |source| DumpError::Proc { pid, step, source };
     let img = |source| DumpError::Image { pid, source };
-    let inf = |step| move |source| DumpError::Infect { pid, step, source };
     let path = dir.join(image::pages_file_name(pid));
     let file = image::create_pages_file(dir, pid).map_err(img)?;
     let mut pagemap = procfs::Pagemap::open(pid).map_err(prc("opening pagemap"))?;
-    let pipe_size = opts.pipe_size.min(pipe_max_size());
-    let pipes = parasite
-        .page_pipes(1, pipe_size)
-        .map_err(inf("creating page pipes"))?;
-    let pipe = &pipes[0];
     let page = pdump_arch::PAGE_SIZE as u64;
-    let mut offset: u64 = 0; // data offset in the pages file
-    let mut npages: u64 = 0;
 
-    // Batches of (addr, len) that the parasite vmsplices in one command.
-    let mut batch: Vec<(u64, u64)> = Vec::new();
-    let mut batch_bytes = 0u64;
-    let flush = |batch: &mut Vec<(u64, u64)>,
-                 batch_bytes: &mut u64,
-                 offset: &mut u64,
-                 parasite: &mut Parasite<'_>|
-     -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let (start, end) = (batch[0].0, batch.last().map(|b| b.0 + b.1).unwrap_or(0));
-        let seq = parasite.post_vmsplice(0, batch).map_err(inf("vmsplice"))?;
-        let moved = splice_exact(
-            pipe.as_raw_fd(),
-            file.as_raw_fd(),
-            4096 + *offset,
-            *batch_bytes,
-            || parasite.poll_done(seq),
-        )
-        .map_err(|source| DumpError::Pages {
-            pid,
-            start,
-            end,
-            path: path.clone(),
-            source,
-        })?;
-        let got = parasite
-            .wait_done(seq, pdump_parasite::cmd::VMSPLICE)
-            .map_err(inf("vmsplice"))?;
-        if got != *batch_bytes as i64 || moved != *batch_bytes {
-            return Err(DumpError::ShortSplice {
-                pid,
-                got,
-                want: *batch_bytes,
-            });
-        }
-        *offset += *batch_bytes;
-        batch.clear();
-        *batch_bytes = 0;
-        Ok(())
-    };
+    // Present pages of every mapping that dumps them all, with one
+    // PAGEMAP_SCAN walk over their span (one ioctl per mapping costs about
+    // 2 us each with many mappings); mapping by mapping where the ioctl
+    // does not take the span.
+    let span = vmas
+        .iter()
+        .filter(|v| policy(v) == PagePolicy::Present)
+        .fold(None, |acc: Option<(u64, u64)>, v| {
+            Some(acc.map_or((v.start, v.end), |(a, b)| (a.min(v.start), b.max(v.end))))
+        });
+    let all = span.and_then(|(lo, hi)| pagemap.present_ranges_ioctl(lo, hi).ok());
+    let mut next_run = 0usize;
 
-    for v in vmas.iter_mut() {
+    // The plan: every run of pages to dump, in address order.
+    let mut plan = Vec::new();
+    for (i, v) in vmas.iter_mut().enumerate() {
+        v.pages.clear();
         let pol = policy(v);
         if pol == PagePolicy::None {
             continue;
         }
-        let runs = match pol {
-            PagePolicy::AnonOnly => {
+        let runs = match (pol, &all) {
+            (PagePolicy::AnonOnly, _) => {
                 anon_ranges(pid, v.start, v.end).map_err(|source| DumpError::Pages {
                     pid,
                     start: v.start,
@@ -965,47 +949,72 @@ fn dump_pages(
                     source,
                 })?
             }
-            _ => pagemap
+            (_, Some(all)) => clip_runs(all, &mut next_run, v.start, v.end),
+            (_, None) => pagemap
                 .present_ranges(v.start, v.end)
                 .map_err(prc("scanning pagemap"))?,
         };
-        let readable = v.prot & 1 != 0;
-        for (addr, n) in runs {
-            let len = n * page;
-            v.pages.push(model::PageRun {
-                addr,
-                npages: n,
-                offset: offset + batch_bytes,
-                crc32c: 0,
-            });
-            npages += n;
-            if readable {
-                batch.push((addr, len));
-                batch_bytes += len;
-                if batch.len() >= pdump_parasite::MAX_IOVS || batch_bytes >= opts.batch_bytes {
-                    flush(&mut batch, &mut batch_bytes, &mut offset, parasite)?;
-                }
-            } else {
-                // PROT_NONE etc.: vmsplice cannot pin these; read them
-                // through /proc/PID/mem (which may) after the batch so far.
-                flush(&mut batch, &mut batch_bytes, &mut offset, parasite)?;
-                copy_unreadable(pid, addr, len, &file, 4096 + offset).map_err(|source| {
-                    DumpError::Pages {
-                        pid,
-                        start: addr,
-                        end: addr + len,
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                offset += len;
-            }
+        // PROT_NONE etc.: vmsplice cannot pin these; they are read through
+        // /proc/PID/mem (which may) in their place in the stream.
+        let via_mem = v.prot & 1 == 0;
+        plan.extend(
+            runs.into_iter()
+                .map(|(addr, n)| crate::pagestream::PlanRun {
+                    vma: i,
+                    addr,
+                    len: n * page,
+                    via_mem,
+                }),
+        );
+    }
+    let sopts = crate::pagestream::StreamOptions {
+        pipe_size: opts.pipe_size.min(pipe_max_size()),
+        threads: opts.page_threads,
+        dumper_scan: opts.dumper_scan,
+    };
+    if crate::pagestream::scan_mode(&sopts) {
+        plan = crate::pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
+    }
+    let streamed = crate::pagestream::stream(pid, parasite, &plan, &file, &path, sopts)?;
+    drop(plan);
+    // Exact capacities: with tens of thousands of mappings of a run or two
+    // each, `push`'s first allocation (4 runs) would cost 160 bytes apiece.
+    let mut per_vma = vec![0usize; vmas.len()];
+    for (i, _) in &streamed.runs {
+        per_vma[*i] += 1;
+    }
+    for (v, n) in vmas.iter_mut().zip(per_vma) {
+        v.pages.reserve_exact(n);
+    }
+    let mut npages = 0;
+    for (i, r) in streamed.runs {
+        npages += r.npages;
+        vmas[i].pages.push(r);
+    }
+    image::finish_pages_file(&file, &path, streamed.data_len).map_err(img)?;
+    Ok((streamed.data_len, npages))
+}
+
+/// The parts of `runs` (sorted `(address, pages)`) inside `[start, end)`;
+/// `from` is where to start looking and advances past runs that end before
+/// `end` (mappings are visited in address order).
+fn clip_runs(runs: &[(u64, u64)], from: &mut usize, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let page = pdump_arch::PAGE_SIZE as u64;
+    while *from < runs.len() && runs[*from].0 + runs[*from].1 * page <= start {
+        *from += 1;
+    }
+    let mut out = Vec::new();
+    for &(a, n) in &runs[*from..] {
+        if a >= end {
+            break;
+        }
+        let s = a.max(start);
+        let e = (a + n * page).min(end);
+        if e > s {
+            out.push((s, (e - s) / page));
         }
     }
-    flush(&mut batch, &mut batch_bytes, &mut offset, parasite)?;
-    drop(pipes);
-    image::finish_pages_file(&file, &path, offset).map_err(img)?;
-    Ok((offset, npages))
+    out
 }
 
 /// Present pages of a private file mapping that are anonymous copies

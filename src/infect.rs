@@ -767,6 +767,49 @@ impl<'a> Parasite<'a> {
         }
     }
 
+    /// Start a [`pdump_parasite::cmd::VMSPLICE_SCAN`] of `iovs` (whole
+    /// pages) into page pipe `pipe`: only non-zero pages are vmspliced; read
+    /// the runs with [`Parasite::scan_runs`] once it is done.
+    pub fn post_vmsplice_scan(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32> {
+        assert!(iovs.len() <= pdump_parasite::MAX_IOVS);
+        {
+            let d = self.data_mut();
+            for (i, (a, l)) in iovs.iter().enumerate() {
+                d[i * 16..i * 16 + 8].copy_from_slice(&a.to_le_bytes());
+                d[i * 16 + 8..i * 16 + 16].copy_from_slice(&l.to_le_bytes());
+            }
+        }
+        self.post(cmd::VMSPLICE_SCAN, &[pipe as u64, iovs.len() as u64])
+    }
+
+    /// The runs a finished [`Parasite::post_vmsplice_scan`] of `niov`
+    /// iovecs found (empty if its count is out of bounds).
+    pub fn scan_runs(&mut self, niov: usize) -> Vec<pdump_parasite::ScanRun> {
+        let off = pdump_parasite::scan_runs_offset(niov);
+        let max = pdump_parasite::max_scan_runs(niov);
+        let d = self.data_mut();
+        let word = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));
+        let n = word(off) as usize;
+        if n > max {
+            return Vec::new();
+        }
+        let size = std::mem::size_of::<pdump_parasite::ScanRun>();
+        (0..n)
+            .map(|i| {
+                let o = off + 8 + i * size;
+                let w32 =
+                    |k: usize| u32::from_le_bytes(d[o + k..o + k + 4].try_into().expect("4 bytes"));
+                pdump_parasite::ScanRun {
+                    addr: word(o),
+                    npages: w32(8),
+                    zero: w32(12),
+                    crc: w32(16),
+                    iov: w32(20),
+                }
+            })
+            .collect()
+    }
+
     /// Cure the task: it continues exactly as it was when seized (still
     /// seized: dropping the [`Seized`] lets it run).
     pub fn cure(mut self) -> Result<()> {

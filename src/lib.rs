@@ -64,6 +64,7 @@ pub mod fdshare;
 pub mod image;
 pub mod infect;
 pub mod leaks;
+pub mod pagestream;
 pub mod procfs;
 pub mod ptrace;
 pub mod remote;

@@ -199,6 +199,19 @@ fn main() -> ExitCode {
     if std::env::var_os("PDUMP_FAULT_REPORT").is_some() {
         eprintln!("fault points: {}", pdump::fault::count());
     }
+    if std::env::var_os("PDUMP_REPORT_HWM").is_some() {
+        // The peak RSS of this program's own address space (getrusage's
+        // ru_maxrss also counts the parent's, when it spawned us with vfork).
+        let hwm = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        eprintln!("peak RSS (VmHWM): {hwm}");
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -234,14 +234,17 @@ impl Stub {
     /// The ELF entry point if it lies in an executable file mapping (never
     /// executed again after start-up), else the start of the first executable
     /// file mapping, else of any executable mapping but vsyscall.
+    ///
+    /// Reads `/proc/PID/maps` only up to the entry point's mapping when it
+    /// qualifies (a task may have tens of thousands of mappings).
     pub fn place(pid: i32) -> Result<u64> {
-        let vmas = procfs::maps(pid)?;
         let is_file =
             |v: &crate::image::model::Vma| v.path.as_deref().is_some_and(|p| p.starts_with('/'));
         let stub_len = Native::SYSCALL_STUB.len() as u64;
         if let Ok(auxv) = procfs::auxv(pid) {
             if let Some(&(_, entry)) = auxv.iter().find(|(k, _)| *k == libc::AT_ENTRY) {
-                let ok = vmas.iter().any(|v| {
+                let head = procfs::maps_until(pid, |v| v.end >= entry + stub_len)?;
+                let ok = head.iter().any(|v| {
                     v.prot & 4 != 0 && is_file(v) && v.start <= entry && entry + stub_len <= v.end
                 });
                 if ok {
@@ -249,6 +252,7 @@ impl Stub {
                 }
             }
         }
+        let vmas = procfs::maps(pid)?;
         vmas.iter()
             .find(|v| v.prot & 4 != 0 && is_file(v))
             .or_else(|| {

@@ -1,7 +1,6 @@
 //! Copy-on-write snapshots (`dump -R`, the default; `--no-cow` turns it off).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -24,15 +23,15 @@ fn pages_of(dir: &Path) -> BTreeMap<u64, Vec<u8>> {
     let cp = Checkpoint::open(dir).expect("open checkpoint");
     cp.verify_pages().expect("page checksums");
     let p = &cp.processes[0];
-    let f = std::fs::File::open(dir.join(&p.pages_file)).unwrap();
     let mut out = BTreeMap::new();
-    for v in &p.vmas {
-        for r in &v.pages {
-            for i in 0..r.npages {
-                let mut b = vec![0u8; 4096];
-                f.read_exact_at(&mut b, 4096 + r.offset + i * 4096).unwrap();
-                out.insert(r.addr + i * 4096, b);
-            }
+    // Through PagesReader: zero runs have no bytes in the file.
+    if let Some(pages) = cp.pages(p).unwrap() {
+        for r in p.vmas.iter().flat_map(|v| &v.pages) {
+            pages
+                .for_each_page(r, |addr, page| {
+                    out.insert(addr, page.to_vec());
+                })
+                .unwrap();
         }
     }
     out

@@ -8,6 +8,7 @@ mod fault;
 mod golden;
 mod infect;
 mod leaks;
+mod pages;
 mod restore;
 mod restore_files;
 mod tree;

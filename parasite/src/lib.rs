@@ -111,6 +111,45 @@ pub mod cmd {
     /// The snapshot then serves NOP, VMSPLICE and FINI (it exits) on its own
     /// control block and exits at end of file on its command pipe.
     pub const FORK: u32 = 6;
+    /// Like [`VMSPLICE`], but first split the `args[1]` iovecs (whole pages)
+    /// into runs of zero and non-zero pages with the CRC32C of each non-zero
+    /// run ([`crate::ScanRun`], written after the iovecs, see
+    /// [`crate::scan_runs_offset`]), then vmsplice only the non-zero runs
+    /// into page pipe `args[0]`. The result is the number of bytes moved
+    /// (or -errno: -E2BIG when the runs do not fit the data buffer, -ENOSYS
+    /// without a CRC32C instruction).
+    pub const VMSPLICE_SCAN: u32 = 7;
+}
+
+/// One run of [`cmd::VMSPLICE_SCAN`]: pages of one iovec, all zero or all
+/// non-zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanRun {
+    /// First byte.
+    pub addr: u64,
+    /// Pages.
+    pub npages: u32,
+    /// 1 if every byte is zero (nothing is vmspliced for it), else 0.
+    pub zero: u32,
+    /// CRC32C (Castagnoli, as `crc32c::crc32c`) of the run's bytes; 0 for a
+    /// zero run.
+    pub crc: u32,
+    /// Index of the iovec it belongs to.
+    pub iov: u32,
+}
+
+/// Where [`cmd::VMSPLICE_SCAN`] puts its output in the data buffer, for
+/// `niov` iovecs: a `u64` count of runs, then the [`ScanRun`]s.
+pub const fn scan_runs_offset(niov: usize) -> usize {
+    niov * 16
+}
+
+/// Most [`ScanRun`]s that fit after `niov` iovecs (the blob also needs 16
+/// bytes per non-zero run for the iovecs it vmsplices).
+pub const fn max_scan_runs(niov: usize) -> usize {
+    let left = DATA_BYTES.saturating_sub(scan_runs_offset(niov) + 8);
+    left / (core::mem::size_of::<ScanRun>() + 16)
 }
 
 /// The control block at `area + ctl_off`.

@@ -154,6 +154,31 @@
 //! * `tree SPEC` / `tree-preset NAME`: a whole process tree built from a
 //!   compact spec, every member alive and self-checking; see
 //!   [Process trees](#process-trees-tree-and-tree-preset) below.
+//! * Benchmark workloads (`cargo bench`), each with a watchdog thread that
+//!   ticks every millisecond and records its longest gap between ticks (the
+//!   longest stop the process saw; printed as `GAP <us>` lines as they
+//!   happen when `PDUMP_VICTIM_GAPS=1`, and as `maxgap_us=` in the final
+//!   line). All use `MADV_NOHUGEPAGE` mappings and `pattern_word` data, and
+//!   check everything on SIGTERM:
+//!   * `fill [MIB] [none|half] [SEED]` (1024, none, 1): MIB MiB, every page
+//!     present; with `half`, the 64 KiB groups for which
+//!     `fill_page_is_zero` holds are written with zeros. `READY <pid>
+//!     <base_hex> <pages> <zero_pages>`; final `OK pages= zero= maxgap_us=`.
+//!     The final check wants every data page present with its pattern and
+//!     every zero page reading zero, present or not (a restorer may leave
+//!     zero pages unmapped).
+//!   * `sparse [MAPPED_MIB] [TOUCHED_MIB] [SEED]` (65536, 256, 1): a
+//!     MAP_NORESERVE mapping with single pages touched at scattered places
+//!     (`sparse_page`); the final check also counts present pages.
+//!     `READY <pid> <base_hex> <mapped_pages> <touched_pages>`.
+//!   * `maps [N] [SEED]` (50000, 1): N one-page mappings, alternately `rw-p`
+//!     and `r--p`; `READY <pid> <base_hex> <N>`.
+//!   * `writer [MIB]` (256): the main thread rewrites the buffer pass after
+//!     pass at full speed, checking each page's previous contents first.
+//!     `READY <pid> <base_hex> <pages>`; final `OK passes= maxgap_us=`.
+//!
+//!   With `PDUMP_VICTIM_GAPS=1`, the root of a `tree`/`tree-preset` also
+//!   starts a watchdog (one more thread) after its READY line.
 //!
 //! # Process trees (`tree` and `tree-preset`)
 //!
@@ -3801,6 +3826,10 @@ impl<'a> TreeMember<'a> {
             }
             let json = tree_json(self.spec, &self.recs, self.launcher);
             emit(&format!("READY {} {json}", self.recs[0].outer));
+            if std::env::var("PDUMP_VICTIM_GAPS").as_deref() == Ok("1") {
+                // Benchmarks: the root measures its stops (one more thread).
+                start_watchdog(sigbit(libc::SIGUSR2));
+            }
             Ok(())
         } else {
             let mut msg = String::new();
@@ -4717,11 +4746,327 @@ fn mode_core(n: usize) -> Result<String, String> {
     Ok(format!("OK threads={n}"))
 }
 
+// ---------------------------------------------------------------------------
+// Benchmark workloads: fill / sparse / maps / writer
+// ---------------------------------------------------------------------------
+
+/// The longest gap (ns) the watchdog thread saw between two of its ticks.
+static MAX_GAP_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Start the watchdog: a thread that ticks every millisecond and records
+/// the longest gap between ticks (a process frozen by a dumper sees one as
+/// long as the freeze). With `PDUMP_VICTIM_GAPS=1` it prints `GAP <us>` for
+/// every gap of 3 ms or more as soon as it wakes up from it. Its mask blocks
+/// SIGTERM so the handler always runs on the main thread.
+fn start_watchdog(mask: u64) {
+    let print = std::env::var("PDUMP_VICTIM_GAPS").as_deref() == Ok("1");
+    std::thread::spawn(move || {
+        set_mask(mask | sigbit(libc::SIGTERM));
+        let mut last = monotonic_ns();
+        loop {
+            nap(1);
+            let now = monotonic_ns();
+            let gap = (now - last) as u64;
+            last = now;
+            MAX_GAP_NS.fetch_max(gap, Ordering::SeqCst);
+            if print && gap >= 3_000_000 {
+                emit(&format!("GAP {}", gap / 1000));
+            }
+        }
+    });
+}
+
+fn max_gap_us() -> u64 {
+    MAX_GAP_NS.load(Ordering::SeqCst) / 1000
+}
+
+/// A private anonymous read-write mapping of `bytes` (no transparent huge
+/// pages, so every page is its own 4 KiB page).
+fn bench_map(bytes: usize, noreserve: bool) -> Result<usize, String> {
+    let extra = if noreserve { libc::MAP_NORESERVE } else { 0 };
+    // SAFETY: fresh anonymous mapping, only used through raw pointers.
+    unsafe {
+        let p = libc::mmap(
+            null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap of {bytes} bytes: {}", errno()));
+        }
+        if libc::madvise(p, bytes, libc::MADV_NOHUGEPAGE) != 0 {
+            return Err(format!("madvise(NOHUGEPAGE): {}", errno()));
+        }
+        Ok(p as usize)
+    }
+}
+
+/// Fill page `i` at `addr` with the pattern of `seed`.
+fn fill_page(addr: usize, seed: u64, i: u64) {
+    let p = addr as *mut u64;
+    for j in 0..(PAGE / 8) {
+        // SAFETY: `addr` is a writable page of one of our mappings.
+        unsafe { write_volatile(p.add(j), pattern_word(seed, i, j as u64)) };
+    }
+}
+
+/// Whether page `i` at `addr` holds the pattern of `seed`.
+fn page_has_pattern(addr: usize, seed: u64, i: u64) -> bool {
+    let p = addr as *const u64;
+    // SAFETY: `addr` is a readable, present page of one of our mappings.
+    (0..PAGE / 8).all(|j| unsafe { read_volatile(p.add(j)) } == pattern_word(seed, i, j as u64))
+}
+
+fn page_is_zero(addr: usize) -> bool {
+    let p = addr as *const u64;
+    // SAFETY: as above.
+    (0..PAGE / 8).all(|j| unsafe { read_volatile(p.add(j)) } == 0)
+}
+
+/// Present pages of `[addr, addr + bytes)` (mincore).
+fn present_pages(addr: usize, bytes: usize) -> Result<usize, String> {
+    let mut total = 0usize;
+    let step = 1usize << 30;
+    let mut vec = vec![0u8; step / PAGE];
+    let mut off = 0;
+    while off < bytes {
+        let n = (bytes - off).min(step);
+        // SAFETY: a range of our mapping; `vec` has a byte per page of it.
+        if unsafe { libc::mincore((addr + off) as *mut c_void, n, vec.as_mut_ptr()) } != 0 {
+            return Err(format!("mincore: {}", errno()));
+        }
+        total += vec[..n / PAGE].iter().filter(|&&v| v & 1 != 0).count();
+        off += n;
+    }
+    Ok(total)
+}
+
+/// Whether page `i` of `fill ... half` is a zero page: pages come in groups
+/// of 16 (64 KiB), each group zero or data by `splitmix64(seed ^ !(i / 16))`.
+pub fn fill_page_is_zero(seed: u64, i: u64) -> bool {
+    splitmix64(seed ^ !(i / 16)) & 1 == 0
+}
+
+/// `fill MIB [none|half] [SEED]`: MIB MiB of incompressible memory, every
+/// page present; with `half`, about half the pages (in 64 KiB groups, see
+/// [`fill_page_is_zero`]) are written with zeros instead.
+fn mode_fill(mib: usize, zeros: &str, seed: u64) -> Result<String, String> {
+    let half = match zeros {
+        "none" => false,
+        "half" => true,
+        _ => return Err(format!("fill: zeros must be none or half, not {zeros:?}")),
+    };
+    let common = common_init(0);
+    let bytes = mib << 20;
+    let pages = bytes / PAGE;
+    let base = bench_map(bytes, false)?;
+    let mut zero = 0u64;
+    for i in 0..pages as u64 {
+        let a = base + i as usize * PAGE;
+        if half && fill_page_is_zero(seed, i) {
+            // SAFETY: inside our mapping: makes the page present, all zero.
+            unsafe { write_volatile(a as *mut u64, 0) };
+            zero += 1;
+        } else {
+            fill_page(a, seed, i);
+        }
+    }
+    start_watchdog(common.mask);
+    emit(&format!("READY {} {base:#x} {pages} {zero}", getpid()));
+    wait_for_term();
+    common.verify()?;
+    // Zero pages need not be present: a restorer may leave them unmapped
+    // (they read as zero either way); every data page must be, and the
+    // content check below reads each of them.
+    let present = present_pages(base, bytes)?;
+    if present < pages - zero as usize || present > pages {
+        return Err(format!(
+            "fill: {present} of {pages} pages present, {zero} zero"
+        ));
+    }
+    for i in 0..pages as u64 {
+        let a = base + i as usize * PAGE;
+        let ok = if half && fill_page_is_zero(seed, i) {
+            page_is_zero(a)
+        } else {
+            page_has_pattern(a, seed, i)
+        };
+        if !ok {
+            return Err(format!("fill: page {i} at {a:#x} changed"));
+        }
+    }
+    Ok(format!(
+        "OK pages={pages} zero={zero} maxgap_us={}",
+        max_gap_us()
+    ))
+}
+
+/// Page touched in slot `k` of `sparse`: one page at a random place in each
+/// of `touched` equal slots of the mapping.
+pub fn sparse_page(seed: u64, k: u64, slot_pages: u64) -> u64 {
+    k * slot_pages + splitmix64(seed ^ k) % slot_pages
+}
+
+/// `sparse MAPPED_MIB TOUCHED_MIB [SEED]`: a MAP_NORESERVE mapping of
+/// MAPPED_MIB MiB of which TOUCHED_MIB MiB of single pages, scattered (see
+/// [`sparse_page`]), hold the pattern.
+fn mode_sparse(mapped_mib: usize, touched_mib: usize, seed: u64) -> Result<String, String> {
+    let common = common_init(0);
+    let bytes = mapped_mib << 20;
+    let touched = ((touched_mib << 20) / PAGE) as u64;
+    let total = (bytes / PAGE) as u64;
+    if touched == 0 || touched > total {
+        return Err("sparse: need 0 < TOUCHED <= MAPPED".into());
+    }
+    let slot = total / touched;
+    let base = bench_map(bytes, true)?;
+    for k in 0..touched {
+        let i = sparse_page(seed, k, slot);
+        fill_page(base + i as usize * PAGE, seed, i);
+    }
+    start_watchdog(common.mask);
+    emit(&format!("READY {} {base:#x} {total} {touched}", getpid()));
+    wait_for_term();
+    common.verify()?;
+    let present = present_pages(base, bytes)?;
+    if present as u64 != touched {
+        return Err(format!(
+            "sparse: {present} pages present, {touched} touched"
+        ));
+    }
+    for k in 0..touched {
+        let i = sparse_page(seed, k, slot);
+        if !page_has_pattern(base + i as usize * PAGE, seed, i) {
+            return Err(format!("sparse: page {i} changed"));
+        }
+    }
+    Ok(format!("OK touched={touched} maxgap_us={}", max_gap_us()))
+}
+
+/// `maps N [SEED]`: N one-page mappings in a row, each holding the pattern,
+/// alternately read-write and read-only so that none merge.
+fn mode_maps(n: usize, seed: u64) -> Result<String, String> {
+    let common = common_init(0);
+    let base = bench_map(n * PAGE, false)?;
+    for i in 0..n {
+        let a = base + i * PAGE;
+        fill_page(a, seed, i as u64);
+        if i % 2 == 1 {
+            // SAFETY: one page of our mapping.
+            if unsafe { libc::mprotect(a as *mut c_void, PAGE, libc::PROT_READ) } != 0 {
+                return Err(format!("maps: mprotect: {}", errno()));
+            }
+        }
+    }
+    // Mappings overlapping ours (a thread stack mapped right below may
+    // merge with the first page, but never adds a mapping inside).
+    let count = || -> Result<usize, String> {
+        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
+        Ok(maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter_map(|r| r.split_once('-'))
+            .filter_map(|(a, b)| {
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            })
+            .filter(|&(a, b)| a < base + n * PAGE && b > base)
+            .count())
+    };
+    start_watchdog(common.mask);
+    let before = count()?;
+    if before != n {
+        return Err(format!("maps: {before} mappings, expected {n}"));
+    }
+    emit(&format!("READY {} {base:#x} {n}", getpid()));
+    wait_for_term();
+    common.verify()?;
+    let after = count()?;
+    if after != n {
+        return Err(format!(
+            "maps: {after} mappings after the dump, expected {n}"
+        ));
+    }
+    for i in 0..n {
+        let a = base + i * PAGE;
+        if !page_has_pattern(a, seed, i as u64) {
+            return Err(format!("maps: page {i} changed"));
+        }
+        let want = if i % 2 == 1 { "r--p" } else { "rw-p" };
+        if i % 4096 == 0 || i + 1 == n {
+            let got = maps_perms(a);
+            if got.as_deref() != Some(want) {
+                return Err(format!(
+                    "maps: page {i} has permissions {got:?}, expected {want}"
+                ));
+            }
+        }
+    }
+    Ok(format!("OK maps={n} maxgap_us={}", max_gap_us()))
+}
+
+/// Word `j` of page `i` after pass `g` of `writer`.
+fn writer_word(g: u64, i: u64, j: u64) -> u64 {
+    (g << 40) ^ (i << 9) ^ j
+}
+
+/// `writer MIB`: the main thread rewrites MIB MiB at full speed, pass after
+/// pass; before rewriting a page it checks the page's first and last words
+/// from the previous pass. On SIGTERM it finishes the pass and checks the
+/// whole buffer.
+fn mode_writer(mib: usize) -> Result<String, String> {
+    let common = common_init(0);
+    let bytes = mib << 20;
+    let pages = (bytes / PAGE) as u64;
+    let base = bench_map(bytes, false)?;
+    let word = |i: u64, j: u64| (base + i as usize * PAGE + j as usize * 8) as *mut u64;
+    let write_page = |g: u64, i: u64| {
+        for j in 0..(PAGE / 8) as u64 {
+            // SAFETY: inside our mapping.
+            unsafe { write_volatile(word(i, j), writer_word(g, i, j)) };
+        }
+    };
+    for i in 0..pages {
+        write_page(0, i);
+    }
+    start_watchdog(common.mask);
+    emit(&format!("READY {} {base:#x} {pages}", getpid()));
+    let mut g = 0u64;
+    while !term_requested() {
+        g += 1;
+        for i in 0..pages {
+            let last = (PAGE / 8) as u64 - 1;
+            // SAFETY: inside our mapping.
+            let (a, b) = unsafe { (read_volatile(word(i, 0)), read_volatile(word(i, last))) };
+            if a != writer_word(g - 1, i, 0) || b != writer_word(g - 1, i, last) {
+                return Err(format!("writer: page {i} changed under pass {g}"));
+            }
+            write_page(g, i);
+        }
+    }
+    common.verify()?;
+    for i in 0..pages {
+        for j in 0..(PAGE / 8) as u64 {
+            // SAFETY: inside our mapping.
+            if unsafe { read_volatile(word(i, j)) } != writer_word(g, i, j) {
+                return Err(format!("writer: page {i} word {j} wrong after pass {g}"));
+            }
+        }
+    }
+    Ok(format!("OK passes={g} maxgap_us={}", max_gap_us()))
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: pdump-victim MODE [ARGS]\n\
          modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers\n       \
-         | tree SPEC | tree-preset NAME | clonevm | protnone | core [N] | cow [PAGES] [watchdog,slow,private]"
+         | tree SPEC | tree-preset NAME | clonevm | protnone | core [N] | cow [PAGES] [watchdog,slow,private]\n       \
+         | fill [MIB] [none|half] [SEED] | sparse [MAPPED_MIB] [TOUCHED_MIB] [SEED] | maps [N] [SEED] | writer [MIB]"
     );
     std::process::exit(2)
 }
@@ -4751,6 +5096,21 @@ fn main() {
             parse_num(args.get(2), 1024, "PAGES") as usize,
             args.get(3).map(String::as_str).unwrap_or(""),
         ),
+        "fill" => mode_fill(
+            parse_num(args.get(2), 1024, "MIB") as usize,
+            args.get(3).map_or("none", String::as_str),
+            parse_num(args.get(4), 1, "SEED"),
+        ),
+        "sparse" => mode_sparse(
+            parse_num(args.get(2), 65536, "MAPPED_MIB") as usize,
+            parse_num(args.get(3), 256, "TOUCHED_MIB") as usize,
+            parse_num(args.get(4), 1, "SEED"),
+        ),
+        "maps" => mode_maps(
+            parse_num(args.get(2), 50_000, "N") as usize,
+            parse_num(args.get(3), 1, "SEED"),
+        ),
+        "writer" => mode_writer(parse_num(args.get(2), 256, "MIB") as usize),
         _ => usage(),
     };
     match res {

@@ -615,8 +615,11 @@ impl PagesReader {
 
     /// Check that `run` lies inside the page data; returns its file offset
     /// (page aligned) and length in bytes.
+    ///
+    /// A zero run ([`PageRun::zero`]) has no data: its length here is 0 and
+    /// only its offset is checked.
     pub fn run_range(&self, run: &PageRun) -> Result<(u64, u64), ImageError> {
-        let len = run.npages.saturating_mul(PAGE_SIZE);
+        let len = run.file_len();
         let offset = PAGES_DATA_OFFSET.saturating_add(run.offset);
         match run.offset.checked_add(len) {
             Some(end) if end <= self.data_len => Ok((offset, len)),
@@ -630,9 +633,20 @@ impl PagesReader {
         }
     }
 
-    /// Read a run's bytes, checking bounds and its CRC32C.
+    /// Read a run's bytes, checking bounds and its CRC32C (a zero run reads
+    /// as `npages * 4096` zero bytes).
     pub fn read_run(&self, run: &PageRun) -> Result<Vec<u8>, ImageError> {
         let (offset, len) = self.run_range(run)?;
+        if run.zero {
+            let len = usize::try_from(run.len()).map_err(|_| ImageError::PageRunOutOfBounds {
+                path: self.path.clone(),
+                offset,
+                len: run.len(),
+                data_len: self.data_len,
+                addr: run.addr,
+            })?;
+            return Ok(vec![0u8; len]);
+        }
         let len = usize::try_from(len).map_err(|_| ImageError::PageRunOutOfBounds {
             path: self.path.clone(),
             offset,
@@ -654,12 +668,20 @@ impl PagesReader {
     /// Call `f(addr, page)` for every page of `run` in order, streaming the
     /// data; the run's CRC32C is checked at the end (pages already passed to
     /// `f` are then known bad if this returns [`ImageError::PageRunChecksum`]).
+    /// Every page of a zero run is passed as a page of zeros.
     pub fn for_each_page(
         &self,
         run: &PageRun,
         mut f: impl FnMut(u64, &[u8]),
     ) -> Result<(), ImageError> {
         let (offset, len) = self.run_range(run)?;
+        if run.zero {
+            static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+            for k in 0..run.npages {
+                f(run.addr.wrapping_add(k * PAGE_SIZE), &ZERO_PAGE);
+            }
+            return self.check_crc(run, offset, 0, 0);
+        }
         let mut buf = vec![0u8; STREAM_CHUNK.min(len as usize)];
         let mut crc = 0u32;
         let mut done = 0u64;
@@ -859,24 +881,31 @@ pub fn validate_process(path: &Path, p: &ProcessImage) -> Result<(), ImageError>
                 ));
             }
             run_end = end;
+            if r.zero && r.crc32c != 0 {
+                return bad(format!(
+                    "zero page run at {:#x} has checksum {:#x}, expected 0",
+                    r.addr, r.crc32c
+                ));
+            }
             if r.offset % PAGE_SIZE != 0 {
                 return bad(format!(
                     "page run at {:#x}: data offset {:#x} is not page aligned",
                     r.addr, r.offset
                 ));
             }
-            // `end - addr` is the run length and cannot overflow here.
-            match r.offset.checked_add(end - r.addr) {
+            // `end - addr` is the run length and cannot overflow here; a
+            // zero run has no data (only its offset must be inside).
+            let file_len = if r.zero { 0 } else { end - r.addr };
+            match r.offset.checked_add(file_len) {
                 Some(off_end) if off_end <= p.pages_bytes => {
-                    file_ranges.push((r.offset, off_end, r.addr))
+                    if !r.zero {
+                        file_ranges.push((r.offset, off_end, r.addr))
+                    }
                 }
                 _ => {
                     return bad(format!(
                         "page run at {:#x}: data {:#x}+{:#x} exceeds the {} bytes of page data",
-                        r.addr,
-                        r.offset,
-                        end - r.addr,
-                        p.pages_bytes
+                        r.addr, r.offset, file_len, p.pages_bytes
                     ))
                 }
             }
@@ -1144,7 +1173,32 @@ pub(crate) mod tests {
                 npages: n,
                 offset,
                 crc32c: crc32c::crc32c(&data[start..]),
+                zero: false,
             });
+        }
+        // A zero run (no data) on a page that `page_pattern` makes all zero,
+        // in the first gap between two runs of a VMA that has one.
+        'zero: for v in vmas.iter_mut().filter(|v| v.kind != VmaKind::File) {
+            for i in 1..v.pages.len() {
+                let (prev, next) = (v.pages[i - 1], v.pages[i]);
+                let mut addr = prev.addr + prev.len();
+                while addr < next.addr {
+                    if (addr / PAGE_SIZE) % 5 == 3 {
+                        v.pages.insert(
+                            i,
+                            PageRun {
+                                addr,
+                                npages: 1,
+                                offset: prev.offset + prev.file_len(),
+                                crc32c: 0,
+                                zero: true,
+                            },
+                        );
+                        break 'zero;
+                    }
+                    addr += PAGE_SIZE;
+                }
+            }
         }
         let mut sigactions = vec![SigAction::default(); 64];
         sigactions[1] = SigAction {
@@ -1402,6 +1456,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn zero_runs_have_no_data_and_read_as_zeros() {
+        let t = TempDir::new("zero-runs");
+        write_sample(t.path(), true);
+        let cp = open_verify(t.path()).unwrap();
+        let p = &cp.processes[0];
+        let z = *p
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .find(|r| r.zero)
+            .expect("the sample has a zero run");
+        assert_eq!((z.file_len(), z.len()), (0, z.npages * PAGE_SIZE));
+        let pages = cp.pages(p).unwrap().unwrap();
+        assert_eq!(pages.run_range(&z).unwrap().1, 0);
+        assert_eq!(pages.read_run(&z).unwrap(), vec![0u8; z.len() as usize]);
+        let mut n = 0;
+        pages
+            .for_each_page(&z, |addr, page| {
+                assert_eq!(addr, z.addr + n * PAGE_SIZE);
+                assert!(page.iter().all(|&b| b == 0));
+                n += 1;
+            })
+            .unwrap();
+        assert_eq!(n, z.npages);
+        // A zero run must carry checksum 0.
+        let e = open_altered(t.path(), |p| {
+            for r in p.vmas.iter_mut().flat_map(|v| v.pages.iter_mut()) {
+                if r.zero {
+                    r.crc32c = 1;
+                }
+            }
+        });
+        assert!(e.to_string().contains("zero page run"), "{e}");
+    }
+
+    #[test]
     fn round_trip_every_kind() {
         let t = TempDir::new("roundtrip");
         let procs = write_sample(t.path(), true);
@@ -1437,9 +1527,12 @@ pub(crate) mod tests {
             for r in p.vmas.iter().flat_map(|v| &v.pages) {
                 let (off, len) = pages.run_range(r).unwrap();
                 assert_eq!(off % PAGE_SIZE, 0);
+                assert_eq!(len, r.file_len());
                 let bytes = pages.read_run(r).unwrap();
-                assert_eq!(bytes.len() as u64, len);
-                assert_eq!(&map[r.offset as usize..][..len as usize], &bytes[..]);
+                assert_eq!(bytes.len() as u64, r.len());
+                if !r.zero {
+                    assert_eq!(&map[r.offset as usize..][..len as usize], &bytes[..]);
+                }
                 for (k, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
                     assert_eq!(
                         page,
@@ -1773,7 +1866,13 @@ pub(crate) mod tests {
             "{e}"
         );
         // Data: one byte in each run flips that run's checksum.
-        for r in procs[0].0.vmas.iter().flat_map(|v| &v.pages) {
+        for r in procs[0]
+            .0
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .filter(|r| !r.zero)
+        {
             let at = (PAGES_DATA_OFFSET + r.offset + r.npages * PAGE_SIZE - 1) as usize;
             let e = corrupt(fx, pages, |b| b[at] ^= 0x80);
             assert!(
@@ -1897,13 +1996,15 @@ pub(crate) mod tests {
                 .unwrap();
             let v = &mut p.vmas[last_vma];
             let addr = v.start + 10 * PAGE_SIZE;
+            let at = v.pages.partition_point(|r| r.addr < addr);
             v.pages.insert(
-                2,
+                at,
                 PageRun {
                     addr,
                     npages: 1,
                     offset: p.pages_bytes,
                     crc32c: 0,
+                    zero: false,
                 },
             );
             p.pages_bytes += PAGE_SIZE;

@@ -371,7 +371,13 @@ pub struct Vma {
     pub pages: Vec<PageRun>,
 }
 
-/// A run of contiguous present pages written to the page file.
+/// A run of contiguous present pages.
+///
+/// A data run (`zero == false`) is `npages * 4096` bytes of the page file
+/// at data offset `offset`, checked by `crc32c`. A zero run (`zero == true`)
+/// has no bytes in the page file: its content is all zero; its `offset` is
+/// where it would be in the data (the end of the data run before it, so
+/// runs stay in file order) and its `crc32c` is 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageRun {
     /// Address of the first page.
@@ -380,8 +386,31 @@ pub struct PageRun {
     pub npages: u64,
     /// Byte offset of the run in the page file's data (after the header page).
     pub offset: u64,
-    /// CRC32C of the run's bytes.
+    /// CRC32C of the run's bytes (0 for a zero run).
     pub crc32c: u32,
+    /// Every page of the run is all zero; nothing is stored for it.
+    pub zero: bool,
+}
+
+impl PageRun {
+    /// Bytes of the run in memory.
+    pub fn len(&self) -> u64 {
+        self.npages.saturating_mul(pdump_arch::PAGE_SIZE as u64)
+    }
+
+    /// Whether the run has no pages (never true in a valid image).
+    pub fn is_empty(&self) -> bool {
+        self.npages == 0
+    }
+
+    /// Bytes the run occupies in the page file (0 for a zero run).
+    pub fn file_len(&self) -> u64 {
+        if self.zero {
+            0
+        } else {
+            self.len()
+        }
+    }
 }
 
 /// One open file descriptor.

@@ -303,11 +303,19 @@ fn render_process(out: &mut String, p: &ProcessImage) {
         .flat_map(|v| &v.pages)
         .map(|r| r.npages)
         .fold(0u64, u64::saturating_add);
+    let zero: u64 = p
+        .vmas
+        .iter()
+        .flat_map(|v| &v.pages)
+        .filter(|r| r.zero)
+        .map(|r| r.npages)
+        .fold(0u64, u64::saturating_add);
     line!(
         out,
-        "  mappings ({}, {} pages dumped = {} bytes in {}):",
+        "  mappings ({}, {} pages dumped, {} of them zero (not stored) = {} bytes in {}):",
         p.vmas.len(),
         dumped,
+        zero,
         p.pages_bytes,
         if p.pages_file.is_empty() {
             "-"

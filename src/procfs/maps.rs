@@ -12,11 +12,21 @@ use std::path::Path;
 use super::{parse_err, proc_path, read_text, Result};
 use crate::image::model::{self, VmaKind};
 
-/// Reads `/proc/PID/smaps` (the whole file, in one pass) into every mapping
-/// with its `VmFlags`. Page runs are left empty.
+/// Reads `/proc/PID/smaps` (in one pass, streamed: memory does not grow
+/// with the text, about 1.2 KiB per mapping) into every mapping with its
+/// `VmFlags`. Page runs are left empty.
 pub fn smaps(pid: i32) -> Result<Vec<model::Vma>> {
     let path = proc_path(pid, "smaps");
-    parse_smaps(pid, &path, &read_text(pid, &path)?)
+    let file = std::fs::File::open(&path).map_err(|source| super::ProcError::Read {
+        pid,
+        path: path.clone(),
+        source,
+    })?;
+    parse_smaps_from(
+        pid,
+        &path,
+        std::io::BufReader::with_capacity(64 << 10, file),
+    )
 }
 
 /// Reads `/proc/PID/maps`: like [`smaps`] but without `VmFlags`, and much
@@ -32,6 +42,46 @@ pub fn maps(pid: i32) -> Result<Vec<model::Vma>> {
 pub fn maps_self() -> Result<Vec<model::Vma>> {
     let path = Path::new("/proc/self/maps");
     parse_maps(0, path, &read_text(0, path)?)
+}
+
+/// Reads `/proc/PID/maps` up to and including the first mapping for which
+/// `last` holds (all of it if none does): for callers that look for one
+/// mapping near the start of a long list.
+pub fn maps_until(pid: i32, mut last: impl FnMut(&model::Vma) -> bool) -> Result<Vec<model::Vma>> {
+    use std::io::BufRead;
+    let path = proc_path(pid, "maps");
+    let err = |source| super::ProcError::Read {
+        pid,
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::open(&path).map_err(err)?;
+    let mut r = std::io::BufReader::with_capacity(16 << 10, file);
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if r.read_until(b'\n', &mut buf).map_err(err)? == 0 {
+            break;
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end_matches('\n');
+        if line.is_empty() {
+            continue;
+        }
+        match parse_header(line) {
+            Some(Ok(v)) => {
+                let stop = last(&v);
+                out.push(v);
+                if stop {
+                    break;
+                }
+            }
+            Some(Err(what)) => return Err(parse_err(pid, &path, what, line)),
+            None => return Err(parse_err(pid, &path, "a mapping line", line)),
+        }
+    }
+    Ok(out)
 }
 
 /// Splits a trailing `" (deleted)"` off a mapping's or fd's path: the name
@@ -182,23 +232,61 @@ pub(crate) fn parse_maps(pid: i32, path: &Path, text: &str) -> Result<Vec<model:
 
 /// Parses `/proc/PID/smaps` text: header lines as in `maps`, each followed
 /// by `Key: value` lines, the last of which is `VmFlags:`.
+#[cfg(test)]
 pub(crate) fn parse_smaps(pid: i32, path: &Path, text: &str) -> Result<Vec<model::Vma>> {
+    parse_smaps_from(pid, path, text.as_bytes())
+}
+
+/// [`parse_smaps`] over a reader, one line at a time. `Key: value` lines
+/// start with an upper-case letter (mapping lines with a lower-case hex
+/// digit); only `VmFlags:` among them is looked at.
+fn parse_smaps_from(
+    pid: i32,
+    path: &Path,
+    mut r: impl std::io::BufRead,
+) -> Result<Vec<model::Vma>> {
     let mut out: Vec<model::Vma> = Vec::new();
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        if let Some(flags) = line.strip_prefix("VmFlags:") {
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        let n = r
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| super::ProcError::Read {
+                pid,
+                path: path.to_owned(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        }
+        let Some(&first) = buf.first() else { continue };
+        if first.is_ascii_uppercase() {
+            let Some(flags) = buf.strip_prefix(b"VmFlags:") else {
+                continue; // "Rss:   8 kB" and the like.
+            };
+            let line = String::from_utf8_lossy(&buf);
             let vma = out
                 .last_mut()
-                .ok_or_else(|| parse_err(pid, path, "a mapping line before VmFlags", line))?;
-            vma.vm_flags = flags.split_whitespace().map(str::to_owned).collect();
+                .ok_or_else(|| parse_err(pid, path, "a mapping line before VmFlags", &line))?;
+            let mut v: Vec<String> = String::from_utf8_lossy(flags)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            v.shrink_to_fit();
+            vma.vm_flags = v;
             continue;
         }
-        match parse_header(line) {
+        let line = String::from_utf8_lossy(&buf);
+        match parse_header(&line) {
             Some(Ok(v)) => out.push(v),
-            Some(Err(what)) => return Err(parse_err(pid, path, what, line)),
-            // "Rss:   8 kB" and the like.
+            Some(Err(what)) => return Err(parse_err(pid, path, what, &line)),
             None => {}
         }
     }
+    out.shrink_to_fit();
     Ok(out)
 }
 

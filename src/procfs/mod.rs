@@ -38,7 +38,7 @@ mod testutil;
 mod unix;
 
 pub use fds::{fds, fds_with, pipe_data, MAX_INLINE_FILE};
-pub use maps::{classify, maps, maps_self, smaps, strip_deleted};
+pub use maps::{classify, maps, maps_self, maps_until, smaps, strip_deleted};
 pub use misc::{
     auxv, children, cmdline, comm, coredump_filter, limits, personality, readlink_cwd,
     readlink_exe, readlink_root, threads, timers, RLIMIT_NAMES,

@@ -193,9 +193,9 @@ fn sys_err(op: &'static str) -> RestoreError {
     }
 }
 
-/// Whether a page run holds no data (all zero pages).
-pub(crate) fn run_is_zero(_r: &PageRun) -> bool {
-    false
+/// Whether a page run holds no data (all zero pages, [`PageRun::zero`]).
+pub(crate) fn run_is_zero(r: &PageRun) -> bool {
+    r.zero
 }
 
 /// Everything the tasks share with the controller (they are its forks).

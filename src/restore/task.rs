@@ -634,12 +634,11 @@ fn prepare(ctl: &Controller, idx: usize, img: &ProcessImage) -> Result<(u64, u64
             madv: madv_bits(v),
         });
         if fill {
-            let anon = fd < 0;
             for r in &v.pages {
+                // Zero runs were present pages: the restorer writes their
+                // zeros (in an anonymous mapping too, so that they are
+                // present again, as the dumped task had them).
                 let zero = crate::restore::run_is_zero(r);
-                if zero && anon {
-                    continue;
-                }
                 runs.push(RunDesc {
                     addr: r.addr,
                     len: r.npages * PAGE_SIZE,

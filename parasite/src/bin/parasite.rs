@@ -240,8 +240,14 @@ fn do_vmsplice(ctl: &Control, pipe: u64, niov: u64) -> i64 {
     if pipe >= ctl.npipes.load(SeqCst) as u64 || niov as usize > pdump_parasite::MAX_IOVS {
         return -22;
     }
+    vmsplice_iovs(ctl, pipe, data::<Iovec>(ctl), niov as usize)
+}
+
+/// vmsplice `niov` iovecs at `iov` (inside the data buffer; advanced as
+/// they are taken) into page pipe `pipe` (checked by the caller).
+fn vmsplice_iovs(ctl: &Control, pipe: u64, iov: *mut Iovec, niov: usize) -> i64 {
+    let niov = niov as u64;
     let fd = ctl.pipe_fds[pipe as usize][1].load(SeqCst) as u64;
-    let iov = data::<Iovec>(ctl);
     let mut idx = 0usize;
     let mut total: i64 = 0;
     while idx < niov as usize {
@@ -480,6 +486,133 @@ extern "C" fn snapshot_main(arg: u64) -> ! {
     }
 }
 
+/// Whether this CPU has the CRC32 instruction (SSE4.2: CPUID.1:ECX bit 20).
+#[cfg(target_arch = "x86_64")]
+fn have_crc32() -> bool {
+    // SAFETY: CPUID leaf 1 exists on every x86_64 CPU.
+    let r = unsafe { core::arch::x86_64::__cpuid(1) };
+    r.ecx & (1 << 20) != 0
+}
+
+/// CRC32C of `len` bytes (a multiple of 8) at `p`, continuing `crc` (as
+/// `crc32c::crc32c_append`). The CRC32 instruction works on general-purpose
+/// registers only: no FPU/SIMD state is touched.
+#[cfg(target_arch = "x86_64")]
+fn crc32c_append(crc: u32, p: *const u64, len: usize) -> u32 {
+    let mut c = !crc as u64;
+    for i in 0..len / 8 {
+        // SAFETY: `p` points at `len` readable bytes of the task (the caller
+        // passes pages of an iovec the dumper listed as present).
+        unsafe {
+            core::arch::asm!(
+                "crc32 {c}, qword ptr [{p}]",
+                c = inout(reg) c,
+                p = in(reg) p.add(i),
+                options(nostack, readonly),
+            )
+        };
+    }
+    !(c as u32)
+}
+
+/// Whether the page at `p` is all zero (stops at the first non-zero word).
+fn page_is_zero(p: *const u64) -> bool {
+    // SAFETY: a whole readable page of the task, as above.
+    (0..PAGE / 8).all(|i| unsafe { core::ptr::read_volatile(p.add(i)) } == 0)
+}
+
+const PAGE: usize = 4096;
+
+fn do_vmsplice_scan(ctl: &Control, pipe: u64, niov: u64) -> i64 {
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ctl, pipe, niov);
+        -38 // ENOSYS
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if pipe >= ctl.npipes.load(SeqCst) as u64 || niov as usize > pdump_parasite::MAX_IOVS {
+            return -22;
+        }
+        if !have_crc32() {
+            return -38;
+        }
+        let niov = niov as usize;
+        let max = pdump_parasite::max_scan_runs(niov);
+        let base = data::<u8>(ctl);
+        let iov = data::<Iovec>(ctl);
+        // SAFETY: offsets inside the data buffer (max_scan_runs keeps the
+        // runs and the iovecs built below inside it).
+        let count = unsafe { base.add(pdump_parasite::scan_runs_offset(niov)) } as *mut u64;
+        // SAFETY: as above.
+        let runs = unsafe { count.add(1) } as *mut pdump_parasite::ScanRun;
+        let mut n = 0usize;
+        for k in 0..niov {
+            // SAFETY: k < niov, inside the data buffer.
+            let v = unsafe { &*iov.add(k) };
+            if v.base % PAGE as u64 != 0 || v.len % PAGE as u64 != 0 {
+                return -22;
+            }
+            for pg in 0..(v.len / PAGE as u64) as usize {
+                let addr = v.base + (pg * PAGE) as u64;
+                let p = addr as *const u64;
+                let zero = page_is_zero(p);
+                // SAFETY: n < max runs, inside the data buffer.
+                let last = if n > 0 {
+                    Some(unsafe { &mut *runs.add(n - 1) })
+                } else {
+                    None
+                };
+                match last {
+                    Some(r) if r.iov == k as u32 && (r.zero != 0) == zero => {
+                        r.npages += 1;
+                        if !zero {
+                            r.crc = crc32c_append(r.crc, p, PAGE);
+                        }
+                    }
+                    _ => {
+                        if n == max {
+                            return -7; // E2BIG
+                        }
+                        // SAFETY: n < max, inside the data buffer.
+                        unsafe {
+                            runs.add(n).write(pdump_parasite::ScanRun {
+                                addr,
+                                npages: 1,
+                                zero: zero as u32,
+                                crc: if zero { 0 } else { crc32c_append(0, p, PAGE) },
+                                iov: k as u32,
+                            })
+                        };
+                        n += 1;
+                    }
+                }
+            }
+        }
+        // SAFETY: inside the data buffer.
+        unsafe { count.write(n as u64) };
+        // The non-zero runs as iovecs, after the runs.
+        // SAFETY: max_scan_runs leaves 16 bytes per run after them.
+        let out = unsafe { runs.add(max) } as *mut Iovec;
+        let mut m = 0usize;
+        for i in 0..n {
+            // SAFETY: i < n <= max.
+            let r = unsafe { &*runs.add(i) };
+            if r.zero == 0 {
+                // SAFETY: m <= i < max iovecs fit after the runs.
+                unsafe {
+                    out.add(m).write(Iovec {
+                        base: r.addr,
+                        len: r.npages as u64 * PAGE as u64,
+                    })
+                };
+                m += 1;
+            }
+        }
+        vmsplice_iovs(ctl, pipe, out, m)
+    }
+}
+
 /// The blob's main function, entered from the arch trampoline with the
 /// control block's address.
 #[no_mangle]
@@ -533,6 +666,7 @@ pub extern "C" fn blob_main(ctl: *mut Control) -> ! {
             cmd::PIPES => do_pipes(ctl, a(0), a(1)),
             cmd::VMSPLICE => do_vmsplice(ctl, a(0), a(1)),
             cmd::FORK => do_fork(ctl, a(0), a(1), a(2)),
+            cmd::VMSPLICE_SCAN => do_vmsplice_scan(ctl, a(0), a(1)),
             cmd::FINI => {
                 // Close every fd we hold (the task's fd table is back to what
                 // it was), answer, and wait on the guard (held by the dumper
