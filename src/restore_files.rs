@@ -14,7 +14,7 @@
 //! |---|---|
 //! | [`FileObject`] (shared description) | opened once; every [`FdKind::Shared`] fd gets a dup of it (one offset, one set of status flags) |
 //! | regular file | `open` of the path with the recorded access mode and status flags (never `O_CREAT`/`O_TRUNC`), `lseek` to the position; a changed size is refused unless [`FileOptions::allow_size_change`] |
-//! | unlinked regular file | an `O_TMPFILE` in the original directory (or the nearest existing ancestor) with the recorded contents and mode, reopened through `/proc/self/fd/N` with the recorded flags; fds with the same path, mode and contents share one inode |
+//! | unlinked regular file | a file created under its old name and unlinked at once when that name is free (else an `O_TMPFILE`) in the original directory (or the nearest existing ancestor) with the recorded contents and mode, reopened through `/proc/self/fd/N` with the recorded flags; fds with the same path, mode and contents share one inode |
 //! | directory | `open(O_DIRECTORY)`, `lseek` |
 //! | `/dev/null`, `/dev/zero` | `open` with the recorded flags |
 //! | pipe | one `pipe2` per inode, the buffered data written back (`F_SETPIPE_SZ` if it needs more room); each description is the pipe's own end or a reopen of `/proc/self/fd/N` with the recorded flags |
@@ -1134,7 +1134,25 @@ impl<'a> Opener<'a, '_> {
             op,
             source,
         };
-        let fd = match open_raw(dir, libc::O_TMPFILE | libc::O_RDWR, mode & 0o7777) {
+        // Under its own name, unlinked at once, where that name is free:
+        // /proc/PID/fd then shows "NAME (deleted)" as it did.
+        let own = Path::new(name);
+        let named = if own.parent() == Some(dir) {
+            open_raw(
+                own,
+                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
+                mode & 0o7777,
+            )
+            .ok()
+            .filter(|_| std::fs::remove_file(own).is_ok())
+        } else {
+            None
+        };
+        let tmpfile = match named {
+            Some(fd) => Ok(fd),
+            None => open_raw(dir, libc::O_TMPFILE | libc::O_RDWR, mode & 0o7777),
+        };
+        let fd = match tmpfile {
             Ok(fd) => fd,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
                 // No O_TMPFILE here: a fresh name, unlinked at once.

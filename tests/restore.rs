@@ -491,3 +491,19 @@ fn four_gib_process_twice() {
     // per-page pattern the victim checks page by page at the end.
     ok(cycles("pattern", &["1048576", "3"], 2), "OK pages=1048576");
 }
+
+#[test]
+fn pipes_socketpairs_and_shared_files_between_tree_members() {
+    root_or_skip!();
+    // Buffered pipe data, queued socketpair data and shared offsets between
+    // members (and across a pid namespace), checked by the tree itself.
+    tree_round_trip("ipc", 2);
+}
+
+#[test]
+fn files_at_offsets_and_every_fd_kind_twice() {
+    root_or_skip!();
+    // Regular and unlinked files at offsets, a directory, /dev/null,
+    // /dev/zero, a pipe and a FIFO with data, an eventfd and a memfd.
+    ok(cycles("fds", &[], 2), "OK fds=10");
+}
