@@ -746,7 +746,9 @@ mod tests {
                         if recv(10, &mut buf) != 5 || &buf[..5] != b"hello" {
                             bad |= 1;
                         }
-                        if recv(10, &mut buf) != -1 {
+                        // Nothing more: EAGAIN, or EOF once the child's end
+                        // is closed (it may be, under load).
+                        if recv(10, &mut buf) > 0 {
                             bad |= 2;
                         }
                         if peek_off(10) != -1 || peek_off(12) != -1 {

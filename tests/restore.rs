@@ -507,3 +507,79 @@ fn files_at_offsets_and_every_fd_kind_twice() {
     // /dev/zero, a pipe and a FIFO with data, an eventfd and a memfd.
     ok(cycles("fds", &[], 2), "OK fds=10");
 }
+
+#[test]
+fn a_group_whose_leader_is_gone_is_made_by_a_helper() {
+    root_or_skip!();
+    // The root (a child subreaper) forks L, L makes its own group and forks
+    // M, L exits and is reaped: M stays in L's group, whose leader is gone.
+    // After SIGTERM the root checks M's group through M's exit status.
+    let script = r#"
+import ctypes, os, signal, sys, time
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+r, w = os.pipe()
+l = os.fork()
+if l == 0:
+    os.setpgid(0, 0)
+    m = os.fork()
+    if m == 0:
+        g = os.getpgrp()
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0 if os.getpgrp() == g else 3))
+        os.write(w, b"%d %d\n" % (os.getpid(), g))
+        while True:
+            time.sleep(0.05)
+    os._exit(0)
+os.waitpid(l, 0)
+m, g = map(int, os.read(r, 100).split())
+print("READY %d %d %d" % (os.getpid(), m, g), flush=True)
+while not stop:
+    time.sleep(0.05)
+os.kill(m, signal.SIGTERM)
+_, st = os.waitpid(m, 0)
+ok = os.waitstatus_to_exitcode(st) == 0
+print(("OK" if ok else "FAIL") + " member status %d" % st, flush=True)
+sys.exit(0 if ok else 1)
+"#;
+    let mut child = only_stdio(&mut Command::new("python3"))
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    let w: Vec<i32> = l
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(w.len(), 3, "{l}");
+    let (m, g) = (w[1], w[2]);
+    assert!(
+        !Path::new(&format!("/proc/{g}")).exists(),
+        "the leader is still there"
+    );
+    let dir = tempdir("restore-pgid-helper");
+    let o = pdump(&["dump", "-t", &pid.to_string(), "-D", dir.to_str().unwrap()]);
+    crate::util::assert_ok(&o, "dump");
+    let _ = child.wait();
+    let v = Victim::restore(&dir, pid, &[]);
+    let now = std::fs::read_to_string(format!("/proc/{m}/stat")).unwrap();
+    let pgrp: i32 = now[now.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(pgrp, g, "member {m} is in group {pgrp}, was {g}");
+    assert!(
+        !Path::new(&format!("/proc/{g}")).exists(),
+        "the helper is left"
+    );
+    ok(v, "OK member");
+}

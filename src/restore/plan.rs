@@ -31,6 +31,10 @@ pub struct PlanTask {
     pub pgid_leader: bool,
     /// Join this group (an id of the task's own level) in the members' phase.
     pub join_pgid: Option<i32>,
+    /// Create a helper task with these ids (innermost first) that makes the
+    /// group of a leader no longer in the tree, for its members to join,
+    /// then exits and is reaped by this task.
+    pub pgid_helper: Option<Vec<i32>>,
     /// Exit status for a zombie (a wait status).
     pub zombie: Option<i32>,
     /// Stop the task when the tree resumes.
@@ -144,6 +148,7 @@ impl Plan {
                 setsid: false,
                 pgid_leader: false,
                 join_pgid: None,
+                pgid_helper: None,
                 zombie,
                 stopped: matches!(e.state, TaskState::Stopped),
             });
@@ -177,6 +182,7 @@ impl Plan {
             sids.push(sid);
             pgids.push(pgid);
         }
+        let mut helped: Vec<i32> = Vec::new();
         for i in 0..tasks.len() {
             let e = &tree[i];
             let pid = top(&e.vpids);
@@ -219,6 +225,15 @@ impl Plan {
                 // The caller's group (--shell-job), or a leader in an outer
                 // pid namespace: inherited from the parent at creation.
                 None if pgid == start_pgid => {}
+                // A group whose leader is gone: the first member in tree
+                // order creates a helper with the group's ids that makes it.
+                None if !in_tree(pgid) && e.vpgids.len() == e.vpids.len() => {
+                    if !helped.contains(&pgid) {
+                        helped.push(pgid);
+                        tasks[i].pgid_helper = Some(e.vpgids.iter().rev().copied().collect());
+                    }
+                    tasks[i].join_pgid = Some(*e.vpgids.last().unwrap_or(&pgid));
+                }
                 None => return Err(PlanError::Group { pid: e.pid, pgid }),
             }
         }
@@ -304,11 +319,16 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_group_leader_is_refused() {
-        let tree = vec![entry(10, 1, 10, 10), entry(11, 10, 10, 77)];
-        assert!(matches!(
-            Plan::new(&tree, &[10, 11], false),
-            Err(PlanError::Group { pid: 11, pgid: 77 })
-        ));
+    fn a_group_whose_leader_is_gone_gets_one_helper() {
+        let tree = vec![
+            entry(10, 1, 10, 10),
+            entry(11, 10, 10, 77),
+            entry(12, 10, 10, 77),
+        ];
+        let p = Plan::new(&tree, &[10, 11, 12], false).unwrap();
+        assert_eq!(p.tasks[1].pgid_helper, Some(vec![77]));
+        assert_eq!(p.tasks[2].pgid_helper, None);
+        assert_eq!(p.tasks[1].join_pgid, Some(77));
+        assert_eq!(p.tasks[2].join_pgid, Some(77));
     }
 }

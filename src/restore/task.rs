@@ -180,6 +180,10 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
         check(step::PGID, r as libc::c_long, 0)?;
     }
     slot.step.store(step::CHILDREN, SeqCst);
+    let helper = match &t.pgid_helper {
+        Some(ids) => Some(pgid_helper(shared, ids)?),
+        None => None,
+    };
     for &c in &t.children {
         let pid = clone_task(&ctl.plan.tasks[c])?;
         if pid == 0 {
@@ -209,6 +213,14 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     }
     done_phase(shared);
     wait_phase(shared, phase::ZOMBIES);
+    if let Some(h) = helper {
+        // Every member has joined: the helper exits; reap it (its group
+        // lives on with them).
+        let mut st = 0;
+        // SAFETY: waitpid on our own child, writing one int we own.
+        let r = unsafe { libc::waitpid(h, &mut st, libc::__WALL) };
+        check(step::PGID, r as libc::c_long, h as u64)?;
+    }
     if let Some(status) = t.zombie {
         slot.step.store(step::ZOMBIE, SeqCst);
         exit_as_zombie(status);
@@ -225,6 +237,46 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     // with its stack below `sp` and its arguments at `args`; nothing of this
     // task's current stack is used again.
     unsafe { pdump_arch::native::syscall::jump_to_blob(entry, sp, args) }
+}
+
+/// Create the helper that makes a group whose leader is gone: it takes the
+/// group's ids, makes its group, and exits once the members joined (the
+/// controller announced ZOMBIES). Returns its pid.
+fn pgid_helper(shared: &Shared, ids: &[i32]) -> Result<i32, Fail> {
+    let args = pdump_parasite::restore::CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: ids.as_ptr() as u64,
+        set_tid_size: ids.len() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 as fork (no CLONE_VM, no stack); single-threaded caller.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const _,
+            std::mem::size_of_val(&args),
+        )
+    };
+    if r < 0 {
+        return Err(Fail {
+            step: step::PGID,
+            errno: errno(),
+            detail: ids.first().copied().unwrap_or(0) as u64,
+        });
+    }
+    if r == 0 {
+        // SAFETY: prctl and setpgid take integers; _exit ends the helper.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::setpgid(0, 0) != 0 {
+                libc::_exit(1);
+            }
+        }
+        wait_phase(shared, phase::ZOMBIES);
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) };
+    }
+    Ok(r as i32)
 }
 
 /// This task's pid as the controller sees it (the /proc mount's namespace).
