@@ -583,3 +583,75 @@ sys.exit(0 if ok else 1)
     );
     ok(v, "OK member");
 }
+
+#[test]
+fn a_session_whose_leader_is_gone_is_led_by_a_helper() {
+    root_or_skip!();
+    // The root (a child subreaper) forks L, L calls setsid and forks M, L
+    // exits and is reaped: M is in L's session and group, whose leader is
+    // gone. M checks both after SIGTERM, reported through its exit status.
+    let script = r#"
+import ctypes, os, signal, sys, time
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+r, w = os.pipe()
+l = os.fork()
+if l == 0:
+    os.setsid()
+    m = os.fork()
+    if m == 0:
+        s, g = os.getsid(0), os.getpgrp()
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0 if (os.getsid(0), os.getpgrp()) == (s, g) else 3))
+        os.write(w, b"%d %d\n" % (os.getpid(), s))
+        while True:
+            time.sleep(0.05)
+    os._exit(0)
+os.waitpid(l, 0)
+m, s = map(int, os.read(r, 100).split())
+print("READY %d %d %d" % (os.getpid(), m, s), flush=True)
+while not stop:
+    time.sleep(0.05)
+os.kill(m, signal.SIGTERM)
+_, st = os.waitpid(m, 0)
+ok = os.waitstatus_to_exitcode(st) == 0
+print(("OK" if ok else "FAIL") + " member status %d" % st, flush=True)
+sys.exit(0 if ok else 1)
+"#;
+    let mut child = only_stdio(&mut Command::new("python3"))
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut l = String::new();
+    out.read_line(&mut l).unwrap();
+    let w: Vec<i32> = l
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(w.len(), 3, "{l}");
+    let (m, s) = (w[1], w[2]);
+    let dir = tempdir("restore-session-helper");
+    let o = pdump(&["dump", "-t", &pid.to_string(), "-D", dir.to_str().unwrap()]);
+    crate::util::assert_ok(&o, "dump");
+    let _ = child.wait();
+    let v = Victim::restore(&dir, pid, &[]);
+    let now = std::fs::read_to_string(format!("/proc/{m}/stat")).unwrap();
+    let f: Vec<i32> = now[now.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(f, vec![pid, s, s], "member {m}: (ppid, pgrp, session)");
+    assert!(
+        !Path::new(&format!("/proc/{s}")).exists(),
+        "the helper is left"
+    );
+    ok(v, "OK member");
+}

@@ -35,6 +35,9 @@ pub struct PlanTask {
     /// group of a leader no longer in the tree, for its members to join,
     /// then exits and is reaped by this task.
     pub pgid_helper: Option<Vec<i32>>,
+    /// Created by a helper with these ids (innermost first) that leads a
+    /// session whose leader is gone, then exits and is reaped by the parent.
+    pub session_helper: Option<Vec<i32>>,
     /// Exit status for a zombie (a wait status).
     pub zombie: Option<i32>,
     /// Stop the task when the tree resumes.
@@ -149,6 +152,7 @@ impl Plan {
                 pgid_leader: false,
                 join_pgid: None,
                 pgid_helper: None,
+                session_helper: None,
                 zombie,
                 stopped: matches!(e.state, TaskState::Stopped),
             });
@@ -194,10 +198,18 @@ impl Plan {
             };
             tasks[i].setsid = sid == pid && inherited_sid != sid;
             if !tasks[i].setsid && parent.is_some() && sid != inherited_sid {
-                return Err(PlanError::Session { pid: e.pid, sid });
+                // A session whose leader is gone: a helper with the
+                // session's ids calls setsid and creates this task (with
+                // CLONE_PARENT, so its parent stays the dumped one).
+                if in_tree(sid) || e.vsids.len() != e.vpids.len() {
+                    return Err(PlanError::Session { pid: e.pid, sid });
+                }
+                tasks[i].session_helper = Some(e.vsids.iter().rev().copied().collect());
             }
             let start_pgid = if tasks[i].setsid {
                 pid
+            } else if tasks[i].session_helper.is_some() {
+                sid // born in the helper's group
             } else {
                 match parent {
                     Some(p) => pgids[p],
@@ -316,6 +328,18 @@ mod tests {
         let p = Plan::new(&tree, &[10, 20], false).unwrap();
         assert!(p.tasks[1].newpid);
         assert_eq!(p.tasks[1].set_tid, vec![1, 20]);
+    }
+
+    #[test]
+    fn a_session_whose_leader_is_gone_gets_a_helper() {
+        let tree = vec![entry(10, 1, 10, 10), entry(11, 10, 77, 77)];
+        let p = Plan::new(&tree, &[10, 11], false).unwrap();
+        assert_eq!(p.tasks[1].session_helper, Some(vec![77]));
+        assert!(!p.tasks[1].setsid && !p.tasks[1].pgid_leader);
+        assert_eq!(
+            (p.tasks[1].join_pgid, &p.tasks[1].pgid_helper),
+            (None, &None)
+        );
     }
 
     #[test]

@@ -55,12 +55,22 @@ fn check(step: u32, r: libc::c_long, detail: u64) -> Result<libc::c_long, Fail> 
 /// this stack). Returns the child's pid as this task sees it.
 pub(crate) fn clone_task(t: &PlanTask) -> Result<i32, Fail> {
     let mut flags = 0u64;
+    if t.session_helper.is_some() {
+        // Created by its session's helper, as a child of the helper's parent.
+        flags |= libc::CLONE_PARENT as u64;
+    }
     if t.newpid {
         flags |= libc::CLONE_NEWPID as u64;
     }
     let args = pdump_parasite::restore::CloneArgs {
         flags,
-        exit_signal: libc::SIGCHLD as u64,
+        // clone3 refuses one with CLONE_PARENT: the child then takes its
+        // creator's own exit signal (the helper's SIGCHLD).
+        exit_signal: if t.session_helper.is_some() {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         set_tid: t.set_tid.as_ptr() as u64,
         set_tid_size: t.set_tid.len() as u64,
         ..Default::default()
@@ -184,7 +194,22 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
         Some(ids) => Some(pgid_helper(shared, ids)?),
         None => None,
     };
+    let mut session_helpers = Vec::new();
     for &c in &t.children {
+        let Some(ids) = &ctl.plan.tasks[c].session_helper else {
+            continue;
+        };
+        if session_helpers.iter().any(|(i, _)| i == ids) {
+            continue;
+        }
+        let h = session_helper(ctl, t, ids)?;
+        session_helpers.push((ids.clone(), h));
+    }
+    for &c in t
+        .children
+        .iter()
+        .filter(|&&c| ctl.plan.tasks[c].session_helper.is_none())
+    {
         let pid = clone_task(&ctl.plan.tasks[c])?;
         if pid == 0 {
             run(ctl, c);
@@ -213,6 +238,12 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     }
     done_phase(shared);
     wait_phase(shared, phase::ZOMBIES);
+    for &(_, h) in &session_helpers {
+        let mut st = 0;
+        // SAFETY: waitpid on our own child, writing one int we own.
+        let r = unsafe { libc::waitpid(h, &mut st, libc::__WALL) };
+        check(step::CHILDREN, r as libc::c_long, h as u64)?;
+    }
     if let Some(h) = helper {
         // Every member has joined: the helper exits; reap it (its group
         // lives on with them).
@@ -237,6 +268,64 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     // with its stack below `sp` and its arguments at `args`; nothing of this
     // task's current stack is used again.
     unsafe { pdump_arch::native::syscall::jump_to_blob(entry, sp, args) }
+}
+
+/// Create the helper that leads a session whose leader is gone: it takes
+/// the session's ids, calls setsid, creates the children of `t` that belong
+/// to that session (with CLONE_PARENT: they are `t`'s children), and exits
+/// once every zombie-phase is reached. Returns its pid.
+fn session_helper(ctl: &Controller, t: &PlanTask, ids: &[i32]) -> Result<i32, Fail> {
+    let shared = ctl.shared();
+    let args = pdump_parasite::restore::CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: ids.as_ptr() as u64,
+        set_tid_size: ids.len() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 as fork (no CLONE_VM, no stack); single-threaded caller.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const _,
+            std::mem::size_of_val(&args),
+        )
+    };
+    if r < 0 {
+        return Err(Fail {
+            step: step::CHILDREN,
+            errno: errno(),
+            detail: ids.first().copied().unwrap_or(0) as u64,
+        });
+    }
+    if r > 0 {
+        return Ok(r as i32);
+    }
+    // SAFETY: prctl and setsid take integers.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::setsid() < 0 {
+            libc::_exit(1);
+        }
+    }
+    for &c in &t.children {
+        if ctl.plan.tasks[c].session_helper.as_deref() != Some(ids) {
+            continue;
+        }
+        match clone_task(&ctl.plan.tasks[c]) {
+            Ok(0) => run(ctl, c),
+            Ok(_) => {}
+            Err(f) => {
+                let tid = std::process::id() as i32;
+                shared.fail(c as u32, f.step, f.errno, tid, f.detail);
+                futex_wake(&shared.counter);
+                // SAFETY: leaving the helper.
+                unsafe { libc::_exit(1) };
+            }
+        }
+    }
+    wait_phase(shared, phase::ZOMBIES);
+    // SAFETY: as above.
+    unsafe { libc::_exit(0) }
 }
 
 /// Create the helper that makes a group whose leader is gone: it takes the
