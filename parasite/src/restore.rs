@@ -167,8 +167,6 @@ pub struct TaskSlot {
     pub area: core::sync::atomic::AtomicU64,
     /// Its length.
     pub area_len: core::sync::atomic::AtomicU64,
-    /// A syscall stub inside it.
-    pub stub: core::sync::atomic::AtomicU64,
 }
 
 impl Shared {

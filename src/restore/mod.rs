@@ -522,7 +522,7 @@ fn task_error(ctl: &Controller) -> RestoreError {
 
 /// Wait until `want` tasks reported the current phase; watch for failures
 /// and dead tasks.
-fn wait_counter(ctl: &Controller, root: i32, want: u32) -> Result<(), RestoreError> {
+fn wait_counter(ctl: &Controller, want: u32) -> Result<(), RestoreError> {
     let s = ctl.shared();
     let start = Instant::now();
     let mut last = 0;
@@ -539,7 +539,7 @@ fn wait_counter(ctl: &Controller, root: i32, want: u32) -> Result<(), RestoreErr
             last = c;
             last_change = Instant::now();
         }
-        check_alive(ctl, root)?;
+        check_alive(ctl)?;
         if last_change.elapsed() > Duration::from_secs(60) {
             return Err(RestoreError::Stalled {
                 phase: s.phase.load(SeqCst),
@@ -552,7 +552,7 @@ fn wait_counter(ctl: &Controller, root: i32, want: u32) -> Result<(), RestoreErr
     }
 }
 
-fn check_alive(ctl: &Controller, root: i32) -> Result<(), RestoreError> {
+fn check_alive(ctl: &Controller) -> Result<(), RestoreError> {
     let zombies_done = ctl.shared().phase.load(SeqCst) >= phase::ZOMBIES;
     for (i, t) in ctl.plan.tasks.iter().enumerate() {
         let pid = ctl.slot(i).created.load(SeqCst);
@@ -564,7 +564,6 @@ fn check_alive(ctl: &Controller, root: i32) -> Result<(), RestoreError> {
             if ctl.shared().failed.load(SeqCst) != 0 {
                 return Err(task_error(ctl));
             }
-            let _ = root;
             return Err(RestoreError::Died {
                 pid: t.entry.pid,
                 seen: pid,
@@ -596,13 +595,13 @@ fn run_controller(ctl: &Controller) -> Result<Restored, RestoreError> {
     };
     ctl.slot(0).created.store(root, SeqCst);
     crate::fault::point();
-    wait_counter(ctl, root, n)?;
+    wait_counter(ctl, n)?;
     crate::fault::point();
     set_phase(ctl, phase::PGID_LEADERS);
-    wait_counter(ctl, root, n)?;
+    wait_counter(ctl, n)?;
     crate::fault::point();
     set_phase(ctl, phase::PGID_MEMBERS);
-    wait_counter(ctl, root, n)?;
+    wait_counter(ctl, n)?;
     crate::fault::point();
     set_phase(ctl, phase::ZOMBIES);
     // Every zombie must be one before the others restore their signal
@@ -630,7 +629,7 @@ fn run_controller(ctl: &Controller) -> Result<Restored, RestoreError> {
     let live: Vec<usize> = ctl.plan.live().collect();
     crate::fault::point();
     set_phase(ctl, phase::RESTORE);
-    wait_counter(ctl, root, live.len() as u32)?;
+    wait_counter(ctl, live.len() as u32)?;
     crate::fault::point();
     finish(ctl, &live)?;
     Ok(Restored {

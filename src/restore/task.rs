@@ -270,12 +270,9 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     unsafe { pdump_arch::native::syscall::jump_to_blob(entry, sp, args) }
 }
 
-/// Create the helper that leads a session whose leader is gone: it takes
-/// the session's ids, calls setsid, creates the children of `t` that belong
-/// to that session (with CLONE_PARENT: they are `t`'s children), and exits
-/// once every zombie-phase is reached. Returns its pid.
-fn session_helper(ctl: &Controller, t: &PlanTask, ids: &[i32]) -> Result<i32, Fail> {
-    let shared = ctl.shared();
+/// clone3 as fork with `ids` (innermost first) as the child's pid on every
+/// level: the helper's pid in the parent, 0 in the helper.
+fn fork_with_ids(ids: &[i32], at: u32) -> Result<i32, Fail> {
     let args = pdump_parasite::restore::CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
         set_tid: ids.as_ptr() as u64,
@@ -292,13 +289,23 @@ fn session_helper(ctl: &Controller, t: &PlanTask, ids: &[i32]) -> Result<i32, Fa
     };
     if r < 0 {
         return Err(Fail {
-            step: step::CHILDREN,
+            step: at,
             errno: errno(),
             detail: ids.first().copied().unwrap_or(0) as u64,
         });
     }
+    Ok(r as i32)
+}
+
+/// Create the helper that leads a session whose leader is gone: it takes
+/// the session's ids, calls setsid, creates the children of `t` that belong
+/// to that session (with CLONE_PARENT: they are `t`'s children), and exits
+/// once every zombie-phase is reached. Returns its pid.
+fn session_helper(ctl: &Controller, t: &PlanTask, ids: &[i32]) -> Result<i32, Fail> {
+    let shared = ctl.shared();
+    let r = fork_with_ids(ids, step::CHILDREN)?;
     if r > 0 {
-        return Ok(r as i32);
+        return Ok(r);
     }
     // SAFETY: prctl and setsid take integers.
     unsafe {
@@ -332,27 +339,7 @@ fn session_helper(ctl: &Controller, t: &PlanTask, ids: &[i32]) -> Result<i32, Fa
 /// group's ids, makes its group, and exits once the members joined (the
 /// controller announced ZOMBIES). Returns its pid.
 fn pgid_helper(shared: &Shared, ids: &[i32]) -> Result<i32, Fail> {
-    let args = pdump_parasite::restore::CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: ids.as_ptr() as u64,
-        set_tid_size: ids.len() as u64,
-        ..Default::default()
-    };
-    // SAFETY: clone3 as fork (no CLONE_VM, no stack); single-threaded caller.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const _,
-            std::mem::size_of_val(&args),
-        )
-    };
-    if r < 0 {
-        return Err(Fail {
-            step: step::PGID,
-            errno: errno(),
-            detail: ids.first().copied().unwrap_or(0) as u64,
-        });
-    }
+    let r = fork_with_ids(ids, step::PGID)?;
     if r == 0 {
         // SAFETY: prctl and setpgid take integers; _exit ends the helper.
         unsafe {
@@ -365,7 +352,7 @@ fn pgid_helper(shared: &Shared, ids: &[i32]) -> Result<i32, Fail> {
         // SAFETY: as above.
         unsafe { libc::_exit(0) };
     }
-    Ok(r as i32)
+    Ok(r)
 }
 
 /// This task's pid as the controller sees it (the /proc mount's namespace).
@@ -591,7 +578,6 @@ fn prepare(ctl: &Controller, idx: usize, img: &ProcessImage) -> Result<(u64, u64
         + 64 * 1024;
     let cur = own_maps()?;
     let len = (blob_bytes
-        + PAGE_SIZE
         + arrays
         + nthreads * (frame_bytes + THREAD_STACK_BYTES as u64 + 64)
         + PAGE_SIZE
@@ -617,16 +603,6 @@ fn prepare(ctl: &Controller, idx: usize, img: &ProcessImage) -> Result<(u64, u64
     let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, blob.mem_size) };
     blob.load_into(dst, addr);
     area.used = blob_bytes;
-    // The syscall stub the controller uses to unmap this area at the end.
-    let stub = area.alloc(PAGE_SIZE, PAGE_SIZE)?;
-    // SAFETY: inside the area, which is writable.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            Native::SYSCALL_STUB.as_ptr(),
-            stub as *mut u8,
-            Native::SYSCALL_STUB.len(),
-        )
-    };
     let args_addr = area.alloc(std::mem::size_of::<RestoreArgs>() as u64, 64)?;
 
     // Current mappings to remove, specials to move.
@@ -996,7 +972,6 @@ fn prepare(ctl: &Controller, idx: usize, img: &ProcessImage) -> Result<(u64, u64
     let slot = ctl.shared().slot(idx);
     slot.area.store(addr, SeqCst);
     slot.area_len.store(len, SeqCst);
-    slot.stub.store(stub, SeqCst);
     let leader_stack = descs.first().map(|d| d.stack_top).unwrap_or(0);
     Ok((addr, leader_stack, args_addr))
 }
