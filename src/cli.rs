@@ -322,7 +322,12 @@ pub fn restore(a: RestoreArgs) -> CliResult {
     };
     let r = pdump::restore::restore(&opts)?;
     if let Some(p) = &a.pidfile {
-        std::fs::write(p, format!("{}\n", r.root_pid))?;
+        // Written once the whole tree runs untraced, and atomically (a
+        // rename), so whoever waits for the file knows the restore is done.
+        let mut tmp = p.clone().into_os_string();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, format!("{}\n", r.root_pid))?;
+        std::fs::rename(&tmp, p)?;
     }
     if !a.wait {
         return print(&format!("{}\n", r.root_pid));

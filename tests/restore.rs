@@ -4,7 +4,7 @@
 //! compared level by level with /proc before the dump; failures that must
 //! leave nothing behind.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -196,6 +196,18 @@ fn tree_round_trip(name: &str, cycles: usize) {
         let dir = tempdir(&format!("restore-tree-{name}-{c}"));
         wait_untraced(root);
         let o = pdump(&["dump", "-t", &root.to_string(), "-D", dir.to_str().unwrap()]);
+        if !o.status.success() {
+            if let Some(mut r) = restored.take() {
+                let mut rest = String::new();
+                let _ = out.read_to_string(&mut rest);
+                let mut err = String::new();
+                let _ = r.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                panic!(
+                    "cycle {c}: the restored root is gone ({:?}); it printed {rest:?}; restore said {err:?}",
+                    r.wait()
+                );
+            }
+        }
         crate::util::assert_ok(&o, "dump the tree");
         match restored.take() {
             Some(mut r) => {
@@ -514,7 +526,6 @@ fn four_gib_process_twice() {
 }
 
 #[test]
-#[ignore = "intermittent: a restored ipc member sometimes sees POLLERR on its report pipe and exits (issue 4 note)"]
 fn pipes_socketpairs_and_shared_files_between_tree_members() {
     root_or_skip!();
     // Buffered pipe data, queued socketpair data and shared offsets between

@@ -292,15 +292,19 @@ pub fn only_stdio(cmd: &mut Command) -> &mut Command {
     }
 }
 
-/// `pdump restore -D DIR --shell-job --wait EXTRA` (stdout piped, stdin
-/// piped or null), returned once task `pid` runs restored and untraced.
+/// `pdump restore -D DIR --shell-job --wait --pidfile F EXTRA` (stdout
+/// piped, stdin piped or null), returned once the restore is done: pdump
+/// writes the pidfile only when every restored task runs untraced, and the
+/// pid in it must be `pid`.
 /// pid_max is 32768 here and the suite spawns thousands of processes, so a
 /// pid freed by the dump may briefly belong to another test's process: a
 /// restore refused with "already in use" is retried (that is the documented
 /// behaviour; the occupant is short-lived).
 pub fn restore_running(dir: &Path, pid: i32, extra: &[&str], stdin: bool) -> Child {
     let start = std::time::Instant::now();
+    let pidfile = dir.with_extension("restored-pid");
     'attempt: loop {
+        let _ = std::fs::remove_file(&pidfile);
         let mut child = Command::new(pdump_bin())
             .args([
                 "restore",
@@ -308,6 +312,8 @@ pub fn restore_running(dir: &Path, pid: i32, extra: &[&str], stdin: bool) -> Chi
                 dir.to_str().unwrap(),
                 "--shell-job",
                 "--wait",
+                "--pidfile",
+                pidfile.to_str().unwrap(),
             ])
             .args(extra)
             .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
@@ -316,6 +322,11 @@ pub fn restore_running(dir: &Path, pid: i32, extra: &[&str], stdin: bool) -> Chi
             .spawn()
             .expect("running pdump restore");
         loop {
+            if let Ok(s) = std::fs::read_to_string(&pidfile) {
+                let _ = std::fs::remove_file(&pidfile);
+                assert_eq!(s.trim(), pid.to_string(), "the restored root's pid");
+                return child;
+            }
             if let Some(st) = child.try_wait().unwrap() {
                 let mut err = String::new();
                 use std::io::Read;
@@ -328,25 +339,6 @@ pub fn restore_running(dir: &Path, pid: i32, extra: &[&str], stdin: bool) -> Chi
                     continue 'attempt;
                 }
                 panic!("pdump restore exited {st} before the victim ran: {err}");
-            }
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            let untraced = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("TracerPid:").map(|v| v.trim() == "0"))
-                .unwrap_or(false);
-            let ours = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s[s.rfind(')')? + 2..]
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse::<i32>()
-                        .ok()
-                })
-                == Some(child.id() as i32);
-            if comm.trim() != "pdump" && !comm.is_empty() && untraced && ours {
-                return child;
             }
             assert!(
                 start.elapsed() < std::time::Duration::from_secs(90),

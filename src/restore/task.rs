@@ -352,6 +352,11 @@ fn pgid_helper(shared: &Shared, ids: &[i32]) -> Result<i32, Fail> {
         // SAFETY: as above.
         unsafe { libc::_exit(0) };
     }
+    // Make the group from this side too, so that it exists before any
+    // member tries to join it, however late the helper gets to run.
+    // SAFETY: setpgid on our own child, which has not exec'd.
+    let g = unsafe { libc::setpgid(r, r) };
+    check(step::PGID, g as libc::c_long, r as u64)?;
     Ok(r)
 }
 
