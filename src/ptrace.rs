@@ -622,6 +622,15 @@ impl Seized {
                 }
             }
         }
+        // A thread that was in a group stop wakes up on detach to stop
+        // again (the kernel re-arms the group stop): wait, briefly, until it
+        // shows `T` again, so that the caller finds it as it was.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        for t in self.threads.iter().filter(|t| t.was_stopped) {
+            while !thread_shows_stopped(t.tid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -637,6 +646,17 @@ impl Seized {
 impl Drop for Seized {
     fn drop(&mut self) {
         let _ = self.detach_all();
+    }
+}
+
+/// The thread's /proc state is `T` (group stop), or it is gone.
+fn thread_shows_stopped(tid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{tid}/stat")) {
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_none_or(|st| st == "T"),
+        Err(_) => true,
     }
 }
 
