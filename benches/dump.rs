@@ -13,7 +13,8 @@
 //! Arguments (after `--`) select workloads by name substring; environment:
 //! `PDUMP_BENCH_QUICK=1` (smaller sizes), `PDUMP_BENCH_ROUNDS=N`
 //! (timed rounds per method, default 2, best reported), `PDUMP_BENCH_DIR`
-//! (where images go, default the temp dir).
+//! (where images go, default the temp dir), `PDUMP_BENCH_CRIU` (the CRIU
+//! binary, default `criu` on PATH; its `--version` is printed in the header).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -275,6 +276,49 @@ fn features() -> Features {
     }
 }
 
+/// The CRIU binary to compare with: `PDUMP_BENCH_CRIU`, else `criu` on PATH.
+fn criu_bin() -> String {
+    std::env::var("PDUMP_BENCH_CRIU").unwrap_or_else(|_| "criu".into())
+}
+
+/// A CRIU that runs: its binary and the version `criu --version` reports.
+#[derive(Clone, Debug)]
+struct Criu {
+    bin: String,
+    version: String,
+}
+
+fn criu() -> Option<Criu> {
+    let bin = criu_bin();
+    let out = Command::new(&bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version:"))
+        .unwrap_or(text.trim())
+        .trim()
+        .to_string();
+    Some(Criu { bin, version })
+}
+
+/// The reason in a CRIU log: its first error line with a reason (not
+/// "exited, status=1", nor the harmless failure to raise its own
+/// RLIMIT_NOFILE without CAP_SYS_RESOURCE), else `fallback`.
+fn criu_error(log: &Path, fallback: String) -> String {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Error") && !l.contains("exited, status") && !l.contains("rlimit:"))
+        .map(|l| l.to_string())
+        .unwrap_or(fallback)
+}
+
 fn installed(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -372,6 +416,9 @@ struct Results {
     pdump_kill: Vec<Run>,
     reference: Vec<Run>,
     criu: Option<Result<Run, String>>,
+    /// `criu restore` of CRIU's -R image once the victim has exited, checked
+    /// by the restored victim.
+    criu_restore: Option<Result<Run, String>>,
     /// `pdump restore` of the kill-mode image, checked by the restored victim.
     restore: Option<Result<Run, String>>,
     gcore: Option<Result<Run, String>>,
@@ -416,9 +463,19 @@ fn pids_of(root: i32, tree: bool) -> Vec<i32> {
     }
 }
 
-fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Features) -> Results {
+fn run_workload(
+    w: &Workload,
+    rounds: usize,
+    tools: (Option<&Criu>, bool),
+    feats: Features,
+) -> Results {
     let mut res = Results::default();
     let dir = base_dir().join(format!("pdump-bench-{}-{}", std::process::id(), w.name));
+    let criu_dir = base_dir().join(format!(
+        "pdump-bench-{}-{}-criu",
+        std::process::id(),
+        w.name
+    ));
     let ref_path = base_dir().join(format!("pdump-bench-{}-ref.bin", std::process::id()));
     let v = Victim::spawn(&w.args);
     let pids = pids_of(v.pid, w.tree);
@@ -466,43 +523,47 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Feature
             }
         }
     }
-    let (has_criu, has_gcore) = tools;
-    if has_criu {
+    let (criu, has_gcore) = tools;
+    // CRIU's -R image stays (in its own directory) until the victim has
+    // exited, then it is restored: the victim's stdout, a pipe to this
+    // bench, becomes a new pipe through `--inherit-fd`.
+    let mut criu_image = None;
+    if let Some(criu) = criu {
         warm(w.warm);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut c = Command::new("criu");
+        let _ = std::fs::remove_dir_all(&criu_dir);
+        std::fs::create_dir_all(&criu_dir).unwrap();
+        let stdout = std::fs::read_link(format!("/proc/{}/fd/1", v.pid))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut c = Command::new(&criu.bin);
         c.args([
             "dump",
             "-t",
             &v.pid.to_string(),
             "-D",
-            dir.to_str().unwrap(),
+            criu_dir.to_str().unwrap(),
         ])
         .args(["--leave-running", "--shell-job", "-o", "dump.log"]);
         let t0 = Instant::now();
         // (ru_maxrss would count this bench's own peak: see timed_child.)
         let r = timed_child(c).map(|(wall, _)| Run {
             wall,
-            image: du(&dir),
+            image: du(&criu_dir),
             ..Run::default()
         });
         let r = r.map(|mut run| {
             run.stop = v.gap_since(t0).map_or(Stop::None, Stop::Gap);
             run
         });
-        let r = r.map_err(|e| {
-            // CRIU logs its reason in dump.log.
-            let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
-            // The first error with a reason (not "exited, status=1").
-            log.lines()
-                .find(|l| l.starts_with("Error") && !l.contains("exited, status"))
-                .map(|l| l.to_string())
-                .unwrap_or(e)
-        });
+        // CRIU logs its reason in dump.log.
+        let r = r.map_err(|e| criu_error(&criu_dir.join("dump.log"), e));
         let _ = v.gap_since(Instant::now());
+        if r.is_ok() {
+            criu_image = Some(stdout);
+        } else {
+            let _ = std::fs::remove_dir_all(&criu_dir);
+        }
         res.criu = Some(r);
-        let _ = std::fs::remove_dir_all(&dir);
     }
     if has_gcore && w.no_gcore.is_none() {
         warm(w.warm);
@@ -521,6 +582,11 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Feature
         let _ = std::fs::remove_dir_all(&dir);
     }
     v.finish();
+    if let (Some(criu), Some(stdout)) = (criu, criu_image) {
+        warm(w.warm);
+        res.criu_restore = Some(criu_restore_and_check(criu, &criu_dir, &pids, &stdout));
+        let _ = std::fs::remove_dir_all(&criu_dir);
+    }
 
     // Kill mode: a fresh victim (one run: big victims take seconds to build),
     // then, where pdump has `restore`, the image restored and the restored
@@ -536,7 +602,7 @@ fn run_workload(w: &Workload, rounds: usize, tools: (bool, bool), feats: Feature
         verify(&dir, w.name);
         if feats.restore {
             warm(w.warm);
-            res.restore = Some(restore_and_check(&dir, &pids));
+            res.restore = Some(pdump_restore_and_check(&dir, &pids));
         }
         let _ = std::fs::remove_dir_all(&dir);
         res.pdump_kill.push(run);
@@ -553,10 +619,61 @@ fn verify(dir: &Path, name: &str) {
 }
 
 /// `pdump restore --shell-job` of the checkpoint in `dir` (whose processes
-/// were `pids`, now dead); the restored root writes into a pipe we read, and
-/// after SIGTERM its final self-check must say OK. Returns the restore's
-/// wall time and peak RSS.
-fn restore_and_check(dir: &Path, pids: &[i32]) -> Result<Run, String> {
+/// were `pids`, now dead); see `restore_and_check`.
+fn pdump_restore_and_check(dir: &Path, pids: &[i32]) -> Result<Run, String> {
+    let pidfile = tempfile("restore-pid");
+    let mut cmd = Command::new(pdump_bin());
+    cmd.args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .env("PDUMP_REPORT_HWM", "1");
+    restore_and_check(cmd, &pidfile, pids, &|stderr| {
+        let last = stderr
+            .lines()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or("");
+        last.trim_start_matches("error: ").to_string()
+    })
+}
+
+/// `criu restore --shell-job -d` of CRIU's image in `dir` (whose processes
+/// were `pids`, now dead); `stdout` is what the dumped root's fd 1 was
+/// (`pipe:[INODE]`): the restored tree gets the restore's stdout in its
+/// place. See `restore_and_check`.
+fn criu_restore_and_check(
+    criu: &Criu,
+    dir: &Path,
+    pids: &[i32],
+    stdout: &str,
+) -> Result<Run, String> {
+    let pidfile = tempfile("criu-restore-pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let mut cmd = Command::new(&criu.bin);
+    cmd.args(["restore", "-D", dir.to_str().unwrap(), "--shell-job", "-d"])
+        .args(["-o", "restore.log", "--pidfile"])
+        .arg(&pidfile);
+    if stdout.starts_with("pipe:") {
+        cmd.args(["--inherit-fd", &format!("fd[1]:{stdout}")]);
+    }
+    let log = dir.join("restore.log");
+    restore_and_check(cmd, &pidfile, pids, &|stderr| {
+        let last = stderr.lines().next_back().unwrap_or("").to_string();
+        criu_error(&log, last)
+    })
+}
+
+/// Run a restore `cmd` of processes that were `pids` (waiting until they
+/// are gone); its stdout is a pipe we read, which the restored root writes
+/// into, and it writes the root's pid to `pidfile`. After SIGTERM the
+/// restored victim's final self-check must say OK. Returns the restore's
+/// wall time and peak RSS (where it prints `peak RSS (VmHWM)`, as pdump
+/// does); `why` makes the reason of a failed restore from its stderr.
+fn restore_and_check(
+    mut cmd: Command,
+    pidfile: &Path,
+    pids: &[i32],
+    why: &dyn Fn(&str) -> String,
+) -> Result<Run, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids
         .iter()
@@ -568,13 +685,7 @@ fn restore_and_check(dir: &Path, pids: &[i32]) -> Result<Run, String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let err = tempfile("restore-stderr");
-    let pidfile = tempfile("restore-pid");
-    let mut cmd = Command::new(pdump_bin());
-    cmd.args(["restore", "-D", dir.to_str().unwrap(), "--shell-job"])
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .env("PDUMP_REPORT_HWM", "1")
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?);
     let t = Instant::now();
@@ -594,15 +705,14 @@ fn restore_and_check(dir: &Path, pids: &[i32]) -> Result<Run, String> {
         .find_map(|l| l.strip_prefix("peak RSS (VmHWM):"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
     if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        let last = msg.lines().find(|l| l.starts_with("error")).unwrap_or("");
-        return Err(last.trim_start_matches("error: ").to_string());
+        return Err(why(&msg));
     }
-    // pdump prints the root's pid; the restored victim writes the rest.
-    let root: i32 = std::fs::read_to_string(&pidfile)
+    // The restorer wrote the root's pid; the restored victim writes the rest.
+    let root: i32 = std::fs::read_to_string(pidfile)
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or("no root pid from pdump restore")?;
-    let _ = std::fs::remove_file(&pidfile);
+        .ok_or("no root pid from the restore's pidfile")?;
+    let _ = std::fs::remove_file(pidfile);
     let (tx, lines) = channel();
     std::thread::spawn(move || {
         for l in BufReader::new(out).lines() {
@@ -612,7 +722,7 @@ fn restore_and_check(dir: &Path, pids: &[i32]) -> Result<Run, String> {
             }
         }
     });
-    // SAFETY: kill with the pid pdump restore reported.
+    // SAFETY: kill with the pid the restore reported.
     unsafe { libc::kill(root, libc::SIGTERM) };
     loop {
         match lines.recv_timeout(Duration::from_secs(600)) {
@@ -661,7 +771,8 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     let feats = features();
-    let tools = (installed("criu"), installed("gcore"));
+    let criu = criu();
+    let has_gcore = installed("gcore");
     let t_all = Instant::now();
 
     // seize + infect + cure per task.
@@ -685,7 +796,7 @@ fn main() {
         }
         eprintln!("bench: {} ...", w.name);
         let t = Instant::now();
-        let r = run_workload(&w, rounds, tools, feats);
+        let r = run_workload(&w, rounds, (criu.as_ref(), has_gcore), feats);
         eprintln!(
             "bench: {} done in {:.1} s",
             w.name,
@@ -712,6 +823,13 @@ fn main() {
         base_dir().display(),
         if quick { ", QUICK sizes" } else { "" }
     );
+    match &criu {
+        Some(c) => println!("CRIU: {} (`{} --version`)", c.version, c.bin),
+        None => println!(
+            "CRIU: not found (`{} --version` did not run; set PDUMP_BENCH_CRIU)",
+            criu_bin()
+        ),
+    }
     println!(
         "seize+infect+cure per task: {:.3} ms (mean of {n})\n",
         per.as_secs_f64() * 1e3
@@ -767,7 +885,14 @@ fn main() {
             row("process_vm_readv ref", b, ("-", "-"));
         }
         match &r.criu {
-            Some(Ok(c)) => row("criu dump -R", c, ("-", "-")),
+            Some(Ok(c)) => {
+                let restore = match &r.criu_restore {
+                    Some(Ok(rr)) => format!("{:.3} (OK)", rr.wall.as_secs_f64()),
+                    Some(Err(e)) => format!("failed: {}", e.replace('|', "/")),
+                    None => "-".to_string(),
+                };
+                row("criu dump -R", c, (&restore, "-"))
+            }
             Some(Err(e)) => println!(
                 "| {} | criu dump -R | failed: {} | | | | | | | | | |",
                 w.name,
