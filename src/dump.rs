@@ -887,11 +887,9 @@ pub(crate) enum PagePolicy {
 }
 
 pub(crate) fn policy(v: &model::Vma) -> PagePolicy {
+    use model::VmFlag as F;
     use model::VmaKind::*;
-    if v.vm_flags
-        .iter()
-        .any(|f| f == "io" || f == "pf" || f == "dd")
-    {
+    if v.vm_flags.contains_any(&[F::Io, F::PfnMap, F::DontDump]) {
         return PagePolicy::None;
     }
     match v.kind {

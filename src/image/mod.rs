@@ -1063,7 +1063,7 @@ pub(crate) mod tests {
             inode: if kind == VmaKind::File { 1234 } else { 0 },
             path: path.map(str::to_string),
             kind,
-            vm_flags: vec!["rd".into(), "mr".into(), "mw".into(), "me".into()],
+            vm_flags: VmFlags::parse("rd mr mw me"),
             pages: Vec::new(),
         }
     }

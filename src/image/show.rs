@@ -438,6 +438,9 @@ fn render_vma(out: &mut String, v: &Vma) {
         vma_kind(&v.kind),
         v.path.as_deref().unwrap_or("")
     );
+    if !v.vm_flags.is_empty() {
+        line!(out, "      VmFlags: {}", v.vm_flags);
+    }
 }
 
 fn vma_kind(k: &VmaKind) -> &'static str {
@@ -652,6 +655,7 @@ mod tests {
             "[stack]",
             "rw-s",
             "2/33",
+            "VmFlags: rd mr mw me",
             "pipe:[4242] write end",
             "(unlinked, 100 bytes kept)",
             "memfd:mem",
