@@ -1139,33 +1139,35 @@ pub(crate) fn splice_exact(
     Ok(len)
 }
 
-/// Compute every run's CRC32C from the written pages file.
+/// Compute every run's CRC32C from the written pages file, reading it
+/// through one 1 MiB buffer (a mapping of the file would count every page
+/// of it in the dumper's RSS).
 pub(crate) fn checksum_runs(
     dir: &Path,
     img: &mut model::ProcessImage,
 ) -> std::result::Result<(), image::ImageError> {
+    use std::os::unix::fs::FileExt;
     if img.pages_bytes == 0 {
         return Ok(());
     }
     let path = dir.join(&img.pages_file);
-    let f = std::fs::File::open(&path).map_err(|source| image::ImageError::Io {
-        op: "open",
-        path: path.clone(),
-        source,
-    })?;
-    // SAFETY: a private read-only mapping of a file only this dump writes.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| image::ImageError::Io {
-        op: "mmap",
-        path: path.clone(),
-        source,
-    })?;
-    let page = pdump_arch::PAGE_SIZE as u64;
-    for v in img.vmas.iter_mut() {
-        for r in v.pages.iter_mut() {
-            let s = (4096 + r.offset) as usize;
-            let e = s + (r.npages * page) as usize;
-            r.crc32c = crc32c::crc32c(&map[s..e]);
+    let io = |op| {
+        let path = path.clone();
+        move |source| image::ImageError::Io { op, path, source }
+    };
+    let f = std::fs::File::open(&path).map_err(io("open"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for r in img.vmas.iter_mut().flat_map(|v| v.pages.iter_mut()) {
+        let (mut off, mut left) = (image::format::PAGES_DATA_OFFSET + r.offset, r.file_len());
+        let mut crc = 0;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], off).map_err(io("read"))?;
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            off += n as u64;
+            left -= n as u64;
         }
+        r.crc32c = crc;
     }
     Ok(())
 }
