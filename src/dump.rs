@@ -929,8 +929,21 @@ fn dump_pages(
     let all = span.and_then(|(lo, hi)| pagemap.present_ranges_ioctl(lo, hi).ok());
     let mut next_run = 0usize;
 
-    // The plan: every run of pages to dump, in address order.
-    let mut plan = Vec::new();
+    let sopts = crate::pagestream::StreamOptions {
+        pipe_size: opts.pipe_size.min(pipe_max_size()),
+        threads: opts.page_threads,
+        dumper_scan: opts.dumper_scan,
+    };
+    let guard =
+        crate::pagestream::scan_mode(&sopts).then(|| crate::pagestream::PlanGuard::new(volatile));
+
+    // The plan: every run of pages to dump, in address order, guarded for
+    // scan mode as it is built (no second copy of it).
+    let dumped = vmas
+        .iter()
+        .filter(|v| policy(v) != PagePolicy::None)
+        .count();
+    let mut plan = Vec::with_capacity(all.as_ref().map_or(0, Vec::len).max(dumped));
     for (i, v) in vmas.iter_mut().enumerate() {
         v.pages.clear();
         let pol = policy(v);
@@ -955,23 +968,18 @@ fn dump_pages(
         // PROT_NONE etc.: vmsplice cannot pin these; they are read through
         // /proc/PID/mem (which may) in their place in the stream.
         let via_mem = v.prot & 1 == 0;
-        plan.extend(
-            runs.into_iter()
-                .map(|(addr, n)| crate::pagestream::PlanRun {
-                    vma: i,
-                    addr,
-                    len: n * page,
-                    via_mem,
-                }),
-        );
-    }
-    let sopts = crate::pagestream::StreamOptions {
-        pipe_size: opts.pipe_size.min(pipe_max_size()),
-        threads: opts.page_threads,
-        dumper_scan: opts.dumper_scan,
-    };
-    if crate::pagestream::scan_mode(&sopts) {
-        plan = crate::pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
+        for (addr, n) in runs {
+            let r = crate::pagestream::PlanRun {
+                vma: i,
+                addr,
+                len: n * page,
+                via_mem,
+            };
+            match &guard {
+                Some(g) => g.push(r, v.shared, &mut plan),
+                None => plan.push(r),
+            }
+        }
     }
     let streamed = crate::pagestream::stream(pid, parasite, &plan, &file, &path, sopts)?;
     drop(plan);
