@@ -23,7 +23,7 @@ pub mod show;
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -414,8 +414,13 @@ fn read_framed<T: serde::de::DeserializeOwned>(
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Write `bytes` to `dir/name` through a temporary file and a rename.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ImageError> {
+/// Write `dir/name` through a temporary file and a rename; `fill` writes
+/// the contents into the (empty) temporary file.
+fn write_atomic(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&File, &Path) -> Result<(), ImageError>,
+) -> Result<(), ImageError> {
     let final_path = dir.join(name);
     let tmp = dir.join(format!(
         ".{name}.tmp.{}.{}",
@@ -423,8 +428,8 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ImageError> 
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
+        let f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        fill(&f, &final_path)?;
         drop(f);
         std::fs::rename(&tmp, &final_path).map_err(io_err("rename", &final_path))
     })();
@@ -447,8 +452,9 @@ pub fn pages_file_name(pid: i32) -> String {
 
 /// Write `dir/inventory.img`.
 pub fn write_inventory(dir: &Path, inv: &Inventory) -> Result<(), ImageError> {
-    let bytes = format::encode(FileKind::Inventory, inv, &dir.join(INVENTORY_FILE))?;
-    write_atomic(dir, INVENTORY_FILE, &bytes)
+    write_atomic(dir, INVENTORY_FILE, |f, path| {
+        format::write_framed(FileKind::Inventory, inv, f, path)
+    })
 }
 
 /// Read and validate `dir/inventory.img`.
@@ -462,8 +468,9 @@ pub fn read_inventory(dir: &Path) -> Result<Inventory, ImageError> {
 /// Write `dir/core-<pid>.img` for `p.pid`.
 pub fn write_process(dir: &Path, p: &ProcessImage) -> Result<(), ImageError> {
     let name = core_file_name(p.pid);
-    let bytes = format::encode(FileKind::Core, p, &dir.join(&name))?;
-    write_atomic(dir, &name, &bytes)
+    write_atomic(dir, &name, |f, path| {
+        format::write_framed(FileKind::Core, p, f, path)
+    })
 }
 
 /// Read and validate `dir/core-<pid>.img` (the structure of one process:
