@@ -691,7 +691,11 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     let status = procfs::status(pid).map_err(prc("reading status"))?;
     let stat = procfs::stat(pid).map_err(prc("reading stat"))?;
     let mut vmas = procfs::smaps(pid).map_err(prc("reading smaps"))?;
-    let fds = procfs::fds(pid).map_err(prc("reading fds"))?;
+    // File contents and pipe data go straight into the file-data file.
+    let mut data = image::DataWriter::new(&opts.dir, pid);
+    let fds = procfs::fds(pid, &mut data).map_err(prc("reading fds"))?;
+    data.finish()
+        .map_err(|source| DumpError::Image { pid, source })?;
     let mut timers = procfs::timers(pid).map_err(prc("reading timers"))?;
     let mut proc_img = model::ProcessImage {
         pid,

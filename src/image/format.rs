@@ -47,8 +47,9 @@ pub const HEADER_SIZE: usize = 32;
 /// Offset of the page data in a page file (the header page is padded with zeros).
 pub const PAGES_DATA_OFFSET: u64 = 4096;
 
-/// Flag bit: the payload CRC field is 0 and per-run CRC32Cs live in the
-/// process core image ([`super::model::PageRun::crc32c`]). Set in page files only.
+/// Flag bit: the payload CRC field is 0 and per-record CRC32Cs live in the
+/// process core image ([`super::model::PageRun::crc32c`],
+/// [`super::model::Blob::crc32c`]). Set in page and file-data files only.
 pub const FLAG_RUN_CRCS: u32 = 1 << 0;
 
 /// Largest inventory payload a reader accepts.
@@ -87,11 +88,18 @@ pub enum FileKind {
     Core,
     /// `pages-<pid>.img`.
     Pages,
+    /// `files-<pid>.img`: contents of files and pipes ([`super::model::Blob`]).
+    FileData,
 }
 
 impl FileKind {
     /// Every kind.
-    pub const ALL: [FileKind; 3] = [FileKind::Inventory, FileKind::Core, FileKind::Pages];
+    pub const ALL: [FileKind; 4] = [
+        FileKind::Inventory,
+        FileKind::Core,
+        FileKind::Pages,
+        FileKind::FileData,
+    ];
 
     /// The kind byte of the magic.
     pub const fn code(self) -> u8 {
@@ -99,6 +107,7 @@ impl FileKind {
             FileKind::Inventory => b'I',
             FileKind::Core => b'C',
             FileKind::Pages => b'P',
+            FileKind::FileData => b'F',
         }
     }
 
@@ -108,6 +117,7 @@ impl FileKind {
             FileKind::Inventory => "inventory",
             FileKind::Core => "process core image",
             FileKind::Pages => "page file",
+            FileKind::FileData => "file-data file",
         }
     }
 
@@ -122,14 +132,14 @@ impl FileKind {
         match self {
             FileKind::Inventory => MAX_INVENTORY_PAYLOAD,
             FileKind::Core => MAX_CORE_PAYLOAD,
-            FileKind::Pages => u64::MAX,
+            FileKind::Pages | FileKind::FileData => u64::MAX,
         }
     }
 
     /// The flags a file of this kind must carry.
     pub const fn flags(self) -> u32 {
         match self {
-            FileKind::Pages => FLAG_RUN_CRCS,
+            FileKind::Pages | FileKind::FileData => FLAG_RUN_CRCS,
             _ => 0,
         }
     }
@@ -137,7 +147,7 @@ impl FileKind {
     /// Offset of the payload in the file.
     pub const fn payload_offset(self) -> u64 {
         match self {
-            FileKind::Pages => PAGES_DATA_OFFSET,
+            FileKind::Pages | FileKind::FileData => PAGES_DATA_OFFSET,
             _ => HEADER_SIZE as u64,
         }
     }
@@ -313,12 +323,13 @@ impl Header {
                 expected: kind.flags(),
             });
         }
-        if kind == FileKind::Pages && h.payload_crc != 0 {
+        if kind.flags() & FLAG_RUN_CRCS != 0 && h.payload_crc != 0 {
             return Err(ImageError::BadHeader {
                 path: path.to_path_buf(),
                 offset: offsets::PAYLOAD_CRC,
                 what: format!(
-                    "payload CRC field of a page file is {:#010x}, must be 0",
+                    "payload CRC field of a {} is {:#010x}, must be 0",
+                    kind.name(),
                     h.payload_crc
                 ),
             });
@@ -598,6 +609,11 @@ impl<'de> postcard::de_flavors::Flavor<'de> for Tracked<'de> {
 /// The header of a page file holding `data_len` bytes of page data.
 pub fn pages_header(data_len: u64) -> Header {
     Header::new(FileKind::Pages, data_len, 0)
+}
+
+/// The header of a file-data file holding `data_len` bytes of data.
+pub fn file_data_header(data_len: u64) -> Header {
+    Header::new(FileKind::FileData, data_len, 0)
 }
 
 #[cfg(test)]

@@ -675,6 +675,45 @@ impl PageRun {
     }
 }
 
+impl FdKind {
+    /// The bytes this kind keeps in a file-data file, if any (unlinked
+    /// file contents, memfd contents, pipe and FIFO data).
+    pub fn blob(&self) -> Option<&Blob> {
+        match self {
+            FdKind::Regular {
+                unlinked_contents, ..
+            } => unlinked_contents.as_ref(),
+            FdKind::Pipe { data, .. } | FdKind::Fifo { data, .. } => Some(data),
+            FdKind::Memfd { contents, .. } => Some(contents),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes kept outside the model, in a file-data file of the checkpoint
+/// (`files-<pid>.img`): contents of memfds and unlinked files, data buffered
+/// in pipes. They are streamed there at dump time and back at restore, so
+/// neither side holds them in memory. An empty blob (`len == 0`) names no
+/// file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Blob {
+    /// Name of the file-data file in the checkpoint directory ("" if empty).
+    pub file: String,
+    /// Byte offset of the data in that file's data (after its header page).
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// CRC32C of the bytes (0 if empty).
+    pub crc32c: u32,
+}
+
+impl Blob {
+    /// No bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// One open file descriptor.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdEntry {
@@ -704,8 +743,8 @@ pub enum FdKind {
         size: u64,
         /// Mode bits.
         mode: u32,
-        /// The file was unlinked: its contents are kept here.
-        unlinked_contents: Option<Vec<u8>>,
+        /// The file was unlinked: where its contents are kept.
+        unlinked_contents: Option<Blob>,
     },
     /// A directory.
     Directory {
@@ -725,7 +764,7 @@ pub enum FdKind {
         /// True for the write end.
         write_end: bool,
         /// Data buffered in the pipe at dump time (recorded once per pipe).
-        data: Vec<u8>,
+        data: Blob,
     },
     /// A FIFO end.
     Fifo {
@@ -736,7 +775,7 @@ pub enum FdKind {
         /// True for the write end.
         write_end: bool,
         /// Buffered data.
-        data: Vec<u8>,
+        data: Blob,
     },
     /// An eventfd.
     EventFd {
@@ -754,7 +793,7 @@ pub enum FdKind {
         /// Position.
         pos: u64,
         /// Contents.
-        contents: Vec<u8>,
+        contents: Blob,
         /// F_GET_SEALS.
         seals: u32,
     },

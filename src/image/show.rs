@@ -469,7 +469,7 @@ fn fd_kind(k: &FdKind) -> String {
             unlinked_contents,
         } => {
             let unlinked = match unlinked_contents {
-                Some(c) => format!(" (unlinked, {} bytes kept)", c.len()),
+                Some(c) => format!(" (unlinked, {} bytes kept)", c.len),
                 None => String::new(),
             };
             format!("file {path}{unlinked} pos {pos} size {size} mode {mode:o}")
@@ -484,7 +484,7 @@ fn fd_kind(k: &FdKind) -> String {
         } => format!(
             "pipe:[{inode}] {} ({} bytes buffered)",
             end(*write_end),
-            data.len()
+            data.len
         ),
         FdKind::Fifo {
             path,
@@ -494,7 +494,7 @@ fn fd_kind(k: &FdKind) -> String {
         } => format!(
             "fifo {path} inode {inode} {} ({} bytes buffered)",
             end(*write_end),
-            data.len()
+            data.len
         ),
         FdKind::EventFd { count, efd_flags } => {
             format!("eventfd count {count} flags {efd_flags:#x}")
@@ -507,7 +507,7 @@ fn fd_kind(k: &FdKind) -> String {
             seals,
         } => format!(
             "memfd:{name} inode {inode} pos {pos} size {} seals {seals:#x}",
-            contents.len()
+            contents.len
         ),
         FdKind::Shared { file_id } => format!("shared file object #{file_id}"),
         FdKind::UnixSocket {
