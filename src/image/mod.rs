@@ -6,6 +6,7 @@
 //! DIR/inventory.img      Inventory: what was dumped, by whom, for which arch/kernel
 //! DIR/core-<pid>.img     ProcessImage of every listed process
 //! DIR/pages-<pid>.img    its page data, page aligned (header page + data)
+//! DIR/files-<pid>.img    its file contents and pipe data, if any ([`data`])
 //! ```
 //!
 //! Every file is framed by [`format`] (magic per kind and arch, version,
