@@ -413,7 +413,9 @@ pub fn reap(pid: i32, ns_pid: i32) -> Result<(), SnapshotError> {
 /// mappings (the child would see the task's later writes), MADV_DONTFORK
 /// (absent in the child) and MADV_WIPEONFORK (empty in the child).
 pub fn fork_unsafe(v: &model::Vma) -> bool {
-    v.shared || v.vm_flags.iter().any(|f| f == "dc" || f == "wf")
+    v.shared
+        || v.vm_flags
+            .contains_any(&[model::VmFlag::DontCopy, model::VmFlag::WipeOnFork])
 }
 
 /// Runs of one mapping taken while the task was frozen, in the spill file.

@@ -691,7 +691,11 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     let status = procfs::status(pid).map_err(prc("reading status"))?;
     let stat = procfs::stat(pid).map_err(prc("reading stat"))?;
     let mut vmas = procfs::smaps(pid).map_err(prc("reading smaps"))?;
-    let fds = procfs::fds(pid).map_err(prc("reading fds"))?;
+    // File contents and pipe data go straight into the file-data file.
+    let mut data = image::DataWriter::new(&opts.dir, pid);
+    let fds = procfs::fds(pid, &mut data).map_err(prc("reading fds"))?;
+    data.finish()
+        .map_err(|source| DumpError::Image { pid, source })?;
     let mut timers = procfs::timers(pid).map_err(prc("reading timers"))?;
     let mut proc_img = model::ProcessImage {
         pid,
@@ -887,11 +891,9 @@ pub(crate) enum PagePolicy {
 }
 
 pub(crate) fn policy(v: &model::Vma) -> PagePolicy {
+    use model::VmFlag as F;
     use model::VmaKind::*;
-    if v.vm_flags
-        .iter()
-        .any(|f| f == "io" || f == "pf" || f == "dd")
-    {
+    if v.vm_flags.contains_any(&[F::Io, F::PfnMap, F::DontDump]) {
         return PagePolicy::None;
     }
     match v.kind {
@@ -931,8 +933,21 @@ fn dump_pages(
     let all = span.and_then(|(lo, hi)| pagemap.present_ranges_ioctl(lo, hi).ok());
     let mut next_run = 0usize;
 
-    // The plan: every run of pages to dump, in address order.
-    let mut plan = Vec::new();
+    let sopts = crate::pagestream::StreamOptions {
+        pipe_size: opts.pipe_size.min(pipe_max_size()),
+        threads: opts.page_threads,
+        dumper_scan: opts.dumper_scan,
+    };
+    let guard =
+        crate::pagestream::scan_mode(&sopts).then(|| crate::pagestream::PlanGuard::new(volatile));
+
+    // The plan: every run of pages to dump, in address order, guarded for
+    // scan mode as it is built (no second copy of it).
+    let dumped = vmas
+        .iter()
+        .filter(|v| policy(v) != PagePolicy::None)
+        .count();
+    let mut plan = Vec::with_capacity(all.as_ref().map_or(0, Vec::len).max(dumped));
     for (i, v) in vmas.iter_mut().enumerate() {
         v.pages.clear();
         let pol = policy(v);
@@ -957,23 +972,18 @@ fn dump_pages(
         // PROT_NONE etc.: vmsplice cannot pin these; they are read through
         // /proc/PID/mem (which may) in their place in the stream.
         let via_mem = v.prot & 1 == 0;
-        plan.extend(
-            runs.into_iter()
-                .map(|(addr, n)| crate::pagestream::PlanRun {
-                    vma: i,
-                    addr,
-                    len: n * page,
-                    via_mem,
-                }),
-        );
-    }
-    let sopts = crate::pagestream::StreamOptions {
-        pipe_size: opts.pipe_size.min(pipe_max_size()),
-        threads: opts.page_threads,
-        dumper_scan: opts.dumper_scan,
-    };
-    if crate::pagestream::scan_mode(&sopts) {
-        plan = crate::pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
+        for (addr, n) in runs {
+            let r = crate::pagestream::PlanRun {
+                vma: i,
+                addr,
+                len: n * page,
+                via_mem,
+            };
+            match &guard {
+                Some(g) => g.push(r, v.shared, &mut plan),
+                None => plan.push(r),
+            }
+        }
     }
     let streamed = crate::pagestream::stream(pid, parasite, &plan, &file, &path, sopts)?;
     drop(plan);
@@ -1141,33 +1151,35 @@ pub(crate) fn splice_exact(
     Ok(len)
 }
 
-/// Compute every run's CRC32C from the written pages file.
+/// Compute every run's CRC32C from the written pages file, reading it
+/// through one 1 MiB buffer (a mapping of the file would count every page
+/// of it in the dumper's RSS).
 pub(crate) fn checksum_runs(
     dir: &Path,
     img: &mut model::ProcessImage,
 ) -> std::result::Result<(), image::ImageError> {
+    use std::os::unix::fs::FileExt;
     if img.pages_bytes == 0 {
         return Ok(());
     }
     let path = dir.join(&img.pages_file);
-    let f = std::fs::File::open(&path).map_err(|source| image::ImageError::Io {
-        op: "open",
-        path: path.clone(),
-        source,
-    })?;
-    // SAFETY: a private read-only mapping of a file only this dump writes.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| image::ImageError::Io {
-        op: "mmap",
-        path: path.clone(),
-        source,
-    })?;
-    let page = pdump_arch::PAGE_SIZE as u64;
-    for v in img.vmas.iter_mut() {
-        for r in v.pages.iter_mut() {
-            let s = (4096 + r.offset) as usize;
-            let e = s + (r.npages * page) as usize;
-            r.crc32c = crc32c::crc32c(&map[s..e]);
+    let io = |op| {
+        let path = path.clone();
+        move |source| image::ImageError::Io { op, path, source }
+    };
+    let f = std::fs::File::open(&path).map_err(io("open"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for r in img.vmas.iter_mut().flat_map(|v| v.pages.iter_mut()) {
+        let (mut off, mut left) = (image::format::PAGES_DATA_OFFSET + r.offset, r.file_len());
+        let mut crc = 0;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], off).map_err(io("read"))?;
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            off += n as u64;
+            left -= n as u64;
         }
+        r.crc32c = crc;
     }
     Ok(())
 }

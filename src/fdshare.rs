@@ -19,7 +19,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::io;
 
-use crate::image::model::{FdKind, FileObject, ProcessImage};
+use crate::image::model::{Blob, FdKind, FileObject, ProcessImage};
 
 /// `KCMP_FILE`.
 const KCMP_FILE: libc::c_int = 0;
@@ -251,7 +251,7 @@ fn keep_pipe_data_once(procs: &mut [ProcessImage]) {
     struct Host {
         at: At,
         read_end: bool,
-        data: Vec<u8>,
+        data: Blob,
     }
     let mut hosts: Vec<Host> = Vec::new();
     let mut index: HashMap<PipeKey, usize> = HashMap::new();
@@ -276,7 +276,7 @@ fn keep_pipe_data_once(procs: &mut [ProcessImage]) {
                 hosts.push(Host {
                     at: (pi, fi),
                     read_end: !write_end,
-                    data: Vec::new(),
+                    data: Blob::default(),
                 });
                 hosts.len() - 1
             });
@@ -511,6 +511,7 @@ pub(crate) mod family {
 mod tests {
     use super::family::{Family, Step};
     use super::*;
+    use crate::image::data::MemSink;
     use crate::image::model::FdEntry;
     use crate::procfs::{fds, fds_with, unix_sockets};
     use std::ffi::CString;
@@ -601,13 +602,18 @@ mod tests {
             bad
         });
 
+        let mut sink = MemSink::default();
         let mut procs = vec![
-            image(fam.parent, fds(fam.parent).unwrap()),
-            image(fam.child, fds(fam.child).unwrap()),
+            image(fam.parent, fds(fam.parent, &mut sink).unwrap()),
+            image(fam.child, fds(fam.child, &mut sink).unwrap()),
         ];
         // Before: each process recorded the data of the pipes it holds.
-        assert!(matches!(kind(&procs[0], 7), FdKind::Pipe { data, .. } if data == b"buffered"));
-        assert!(matches!(kind(&procs[1], 6), FdKind::Pipe { data, .. } if data == b"buffered"));
+        assert!(
+            matches!(kind(&procs[0], 7), FdKind::Pipe { data, .. } if sink.bytes(data) == b"buffered")
+        );
+        assert!(
+            matches!(kind(&procs[1], 6), FdKind::Pipe { data, .. } if sink.bytes(data) == b"buffered")
+        );
         let before = procs.clone();
         let files = share_files(&mut procs).unwrap();
         // Deterministic.
@@ -649,11 +655,11 @@ mod tests {
                     k => panic!("{k:?}"),
                 },
                 write_end: true,
-                data: vec![]
+                data: Blob::default()
             }
         );
         assert!(
-            matches!(kind(c, 6), FdKind::Pipe { write_end: false, data, .. } if data == b"buffered")
+            matches!(kind(c, 6), FdKind::Pipe { write_end: false, data, .. } if sink.bytes(data) == b"buffered")
         );
         // A pipe whose both ends both processes hold: two objects, the data
         // on the read end's.
@@ -661,7 +667,7 @@ mod tests {
             assert_eq!(kind(img, fd), &FdKind::Shared { file_id: id });
         }
         assert!(
-            matches!(&files[2].kind, FdKind::Pipe { write_end: false, data, .. } if data == b"q-data")
+            matches!(&files[2].kind, FdKind::Pipe { write_end: false, data, .. } if sink.bytes(data) == b"q-data")
         );
         assert!(
             matches!(&files[3].kind, FdKind::Pipe { write_end: true, data, .. } if data.is_empty())
@@ -775,11 +781,12 @@ mod tests {
         });
 
         let known = unix_sockets().unwrap();
-        let pf = fds_with(fam.parent, &known).unwrap();
-        let cf = fds_with(fam.child, &known).unwrap();
+        let mem = MemSink::default;
+        let pf = fds_with(fam.parent, &known, &mut mem()).unwrap();
+        let cf = fds_with(fam.child, &known, &mut mem()).unwrap();
         // Peeking is repeatable, and the one-by-one lookups agree.
-        assert_eq!(fds(fam.parent).unwrap(), pf);
-        assert_eq!(fds(fam.child).unwrap(), cf);
+        assert_eq!(fds(fam.parent, &mut mem()).unwrap(), pf);
+        assert_eq!(fds(fam.child, &mut mem()).unwrap(), cf);
         let mut procs = vec![image(fam.parent, pf), image(fam.child, cf)];
         let sock = |img: &ProcessImage, fd| match kind(img, fd).clone() {
             FdKind::UnixSocket {

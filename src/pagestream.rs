@@ -666,21 +666,44 @@ pub fn guard_plan(
     shared: impl Fn(usize) -> bool,
     volatile: &[(u64, u64)],
 ) -> Vec<PlanRun> {
-    let mut pages: Vec<(u64, u64)> = volatile
-        .iter()
-        .filter(|(_, len)| *len > 0)
-        .map(|&(a, len)| (a & !(PAGE - 1), (a + len + PAGE - 1) & !(PAGE - 1)))
-        .collect();
-    pages.sort_unstable();
+    let guard = PlanGuard::new(volatile);
     let mut out = Vec::with_capacity(plan.len());
     for r in plan {
-        if r.via_mem || shared(r.vma) {
+        guard.push(r, shared(r.vma), &mut out);
+    }
+    out
+}
+
+/// [`guard_plan`] one run at a time, so a plan is built guarded without a
+/// second copy of it (a run per mapping with tens of thousands of them).
+#[derive(Debug)]
+pub struct PlanGuard {
+    /// Page-aligned `[start, end)` of the volatile areas, sorted.
+    pages: Vec<(u64, u64)>,
+}
+
+impl PlanGuard {
+    /// The guard for the rseq areas `volatile` (address and length).
+    pub fn new(volatile: &[(u64, u64)]) -> PlanGuard {
+        let mut pages: Vec<(u64, u64)> = volatile
+            .iter()
+            .filter(|(_, len)| *len > 0)
+            .map(|&(a, len)| (a & !(PAGE - 1), (a + len + PAGE - 1) & !(PAGE - 1)))
+            .collect();
+        pages.sort_unstable();
+        PlanGuard { pages }
+    }
+
+    /// Append run `r` (of a shared mapping if `shared`) to `out`, split
+    /// where the dumper must read it itself.
+    pub fn push(&self, r: PlanRun, shared: bool, out: &mut Vec<PlanRun>) {
+        if r.via_mem || shared {
             out.push(PlanRun { via_mem: true, ..r });
-            continue;
+            return;
         }
         let mut at = r.addr;
         let end = r.addr + r.len;
-        for &(s, e) in &pages {
+        for &(s, e) in &self.pages {
             let (s, e) = (s.max(at), e.min(end));
             if s >= e {
                 continue;
@@ -708,7 +731,6 @@ pub fn guard_plan(
             });
         }
     }
-    out
 }
 
 /// Drainer threads for `bytes` of pages: none below [`THREADED_MIN_BYTES`],

@@ -44,8 +44,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::image::model::{FdKind, FileObject, Inventory, ProcessImage};
-use crate::image::Checkpoint;
+use crate::image::model::{Blob, FdKind, FileObject, Inventory, ProcessImage};
+use crate::image::{data::CHUNK, Checkpoint, DataReader, ImageError};
 
 /// The kernel's `O_LARGEFILE` (the libc constant is 0 on 64-bit targets;
 /// `open` sets the kernel's bit, `pipe2` does not).
@@ -211,6 +211,16 @@ pub enum FilesError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// The recorded contents or buffered data of a file could not be read
+    /// back from the checkpoint's file-data file.
+    #[error("{at}: reading its recorded data")]
+    Data {
+        /// The fd.
+        at: FdRef,
+        /// The cause.
+        #[source]
+        source: ImageError,
     },
     /// Creating or filling a pipe failed.
     #[error("{at}: pipe:[{inode}]: {op}")]
@@ -420,7 +430,7 @@ struct Desc<'a> {
 struct PipeUse<'a> {
     read: bool,
     write: bool,
-    data: &'a [u8],
+    data: Option<&'a Blob>,
 }
 
 /// What [`plan`] makes of the images.
@@ -433,7 +443,7 @@ struct Plan<'a> {
     max_fd: i32,
     pipes: BTreeMap<u64, PipeUse<'a>>,
     /// FIFO data by (path, inode).
-    fifo_data: HashMap<(&'a str, u64), &'a [u8]>,
+    fifo_data: HashMap<(&'a str, u64), &'a Blob>,
     /// Unix sockets: inode -> index in `descs`.
     sockets: BTreeMap<u64, usize>,
 }
@@ -516,7 +526,7 @@ fn plan<'a>(inv: &'a Inventory, procs: &'a [ProcessImage]) -> Result<Plan<'a>, F
     }
 
     let mut pipes: BTreeMap<u64, PipeUse<'a>> = BTreeMap::new();
-    let mut fifo_data: HashMap<(&'a str, u64), &'a [u8]> = HashMap::new();
+    let mut fifo_data: HashMap<(&'a str, u64), &'a Blob> = HashMap::new();
     let mut sockets: BTreeMap<u64, usize> = BTreeMap::new();
     for (i, d) in descs.iter().enumerate() {
         match d.kind {
@@ -531,14 +541,14 @@ fn plan<'a>(inv: &'a Inventory, procs: &'a [ProcessImage]) -> Result<Plan<'a>, F
                 } else {
                     u.read = true;
                 }
-                if u.data.is_empty() {
-                    u.data = data;
+                if u.data.is_none_or(Blob::is_empty) {
+                    u.data = Some(data);
                 }
             }
             FdKind::Fifo {
                 path, inode, data, ..
             } => {
-                let slot = fifo_data.entry((path.as_str(), *inode)).or_default();
+                let slot = fifo_data.entry((path.as_str(), *inode)).or_insert(data);
                 if slot.is_empty() {
                     *slot = data;
                 }
@@ -691,6 +701,76 @@ fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Why streaming a blob somewhere failed.
+enum Fill {
+    /// Reading it back from the checkpoint.
+    Data(ImageError),
+    /// Writing it.
+    Io(io::Error),
+}
+
+/// Streams `blob` (from its file-data file in `dir`) into `sink`, one
+/// [`CHUNK`] at a time: `sink(offset in the blob, bytes)`. The blob's
+/// CRC32C is checked at its end.
+fn stream_blob(
+    dir: &Path,
+    blob: &Blob,
+    mut sink: impl FnMut(u64, &[u8]) -> io::Result<()>,
+) -> Result<(), Fill> {
+    if blob.is_empty() {
+        return Ok(());
+    }
+    let data = DataReader::open(dir, &blob.file).map_err(Fill::Data)?;
+    let mut r = data.reader(blob).map_err(Fill::Data)?;
+    let mut buf = vec![0u8; CHUNK.min(blob.len as usize)];
+    loop {
+        let at = r.position();
+        let n = r.read_chunk(&mut buf).map_err(Fill::Data)?;
+        if n == 0 {
+            return Ok(());
+        }
+        sink(at, &buf[..n]).map_err(Fill::Io)?;
+    }
+}
+
+/// Fills the (empty) regular file or memfd `f` with `blob`: its size
+/// first, then the chunks that are not all zero (holes stay holes).
+fn fill_file(dir: &Path, blob: &Blob, f: &File) -> Result<(), Fill> {
+    f.set_len(blob.len).map_err(Fill::Io)?;
+    stream_blob(dir, blob, |at, bytes| {
+        if bytes.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        f.write_all_at(bytes, at)
+    })
+}
+
+/// Whether two blobs hold the same bytes (compared a chunk at a time).
+fn same_bytes(dir: &Path, a: &Blob, b: &Blob) -> Result<bool, ImageError> {
+    if a == b {
+        return Ok(true);
+    }
+    if a.len != b.len || a.crc32c != b.crc32c {
+        return Ok(false);
+    }
+    let (da, db) = (
+        DataReader::open(dir, &a.file)?,
+        DataReader::open(dir, &b.file)?,
+    );
+    let (mut ra, mut rb) = (da.reader(a)?, db.reader(b)?);
+    let n = CHUNK.min(a.len as usize);
+    let (mut ba, mut bb) = (vec![0u8; n], vec![0u8; n]);
+    loop {
+        let k = ra.read_chunk(&mut ba)?;
+        if rb.read_chunk(&mut bb[..k.max(1)])? != k || ba[..k] != bb[..k] {
+            return Ok(false);
+        }
+        if k == 0 {
+            return Ok(true);
+        }
+    }
+}
+
 /// Makes the pipe behind `fd` hold at least `len` bytes.
 fn pipe_room(fd: RawFd, len: usize) -> io::Result<()> {
     // SAFETY: F_GETPIPE_SZ takes no argument.
@@ -756,11 +836,14 @@ struct PipeRes {
 
 /// The state of [`FileTable::open`] while it runs.
 struct Opener<'a, 'p> {
+    /// The checkpoint directory (file-data files).
+    dir: &'p Path,
     plan: &'p Plan<'a>,
     opts: &'p FileOptions,
     pipes: HashMap<u64, PipeRes>,
     fifos: HashMap<(&'a str, u64), OwnedFd>,
-    unlinked: HashMap<(&'a str, u32, &'a [u8]), OwnedFd>,
+    /// Unlinked files made: path, mode, contents.
+    unlinked: Vec<(&'a str, u32, &'a Blob, OwnedFd)>,
     memfds: HashMap<u64, OwnedFd>,
     /// Socket ends made with their peer, not yet taken.
     sockets: HashMap<u64, OwnedFd>,
@@ -1002,9 +1085,18 @@ impl<'a> Opener<'a, '_> {
                 }
                 // SAFETY: pipe2 just returned these, owned by nobody else.
                 let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
-                pipe_room(w.as_raw_fd(), u.data.len())
+                let data = u.data.cloned().unwrap_or_default();
+                pipe_room(w.as_raw_fd(), data.len as usize)
                     .map_err(|e| err("make room for the buffered data (F_SETPIPE_SZ)", e))?;
-                write_all(w.as_raw_fd(), u.data).map_err(|e| err("write the buffered data", e))?;
+                stream_blob(self.dir, &data, |_, b| write_all(w.as_raw_fd(), b)).map_err(|e| {
+                    match e {
+                        Fill::Data(source) => FilesError::Data {
+                            at: at.clone(),
+                            source,
+                        },
+                        Fill::Io(e) => err("write the buffered data", e),
+                    }
+                })?;
                 PipeRes {
                     any: r.as_raw_fd(),
                     read: Some(r),
@@ -1103,10 +1195,19 @@ impl<'a> Opener<'a, '_> {
             .fifo_data
             .get(&(path, inode))
             .copied()
+            .cloned()
             .unwrap_or_default();
-        pipe_room(holder.as_raw_fd(), data.len())
+        pipe_room(holder.as_raw_fd(), data.len as usize)
             .map_err(|e| err("make room for the buffered data", e))?;
-        write_all(holder.as_raw_fd(), data).map_err(|e| err("write the buffered data", e))?;
+        stream_blob(self.dir, &data, |_, b| write_all(holder.as_raw_fd(), b)).map_err(
+            |e| match e {
+                Fill::Data(source) => FilesError::Data {
+                    at: at.clone(),
+                    source,
+                },
+                Fill::Io(e) => err("write the buffered data", e),
+            },
+        )?;
         let raw = holder.as_raw_fd();
         self.fifos.insert((path, inode), holder);
         Ok(raw)
@@ -1118,10 +1219,17 @@ impl<'a> Opener<'a, '_> {
         at: &FdRef,
         path: &'a str,
         mode: u32,
-        contents: &'a [u8],
+        contents: &'a Blob,
     ) -> Result<RawFd, FilesError> {
-        if let Some(fd) = self.unlinked.get(&(path, mode, contents)) {
-            return Ok(fd.as_raw_fd());
+        for (p, m, c, fd) in &self.unlinked {
+            if (*p, *m) == (path, mode)
+                && same_bytes(self.dir, c, contents).map_err(|source| FilesError::Data {
+                    at: at.clone(),
+                    source,
+                })?
+            {
+                return Ok(fd.as_raw_fd());
+            }
         }
         let name = path.strip_suffix(" (deleted)").unwrap_or(path);
         let mut dir = Path::new(name).parent().unwrap_or(Path::new("/"));
@@ -1177,11 +1285,16 @@ impl<'a> Opener<'a, '_> {
             return Err(err("fchmod", last_err()));
         }
         let f = File::from(fd);
-        f.write_all_at(contents, 0)
-            .map_err(|e| err("write the contents", e))?;
+        fill_file(self.dir, contents, &f).map_err(|e| match e {
+            Fill::Data(source) => FilesError::Data {
+                at: at.clone(),
+                source,
+            },
+            Fill::Io(e) => err("write the contents", e),
+        })?;
         let fd = OwnedFd::from(f);
         let raw = fd.as_raw_fd();
-        self.unlinked.insert((path, mode, contents), fd);
+        self.unlinked.push((path, mode, contents, fd));
         Ok(raw)
     }
 
@@ -1191,7 +1304,7 @@ impl<'a> Opener<'a, '_> {
         at: &FdRef,
         name: &str,
         inode: u64,
-        contents: &[u8],
+        contents: &Blob,
     ) -> Result<RawFd, FilesError> {
         if let Some(fd) = self.memfds.get(&inode) {
             return Ok(fd.as_raw_fd());
@@ -1216,8 +1329,13 @@ impl<'a> Opener<'a, '_> {
         }
         // SAFETY: memfd_create just returned this fd, owned by nobody else.
         let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        f.write_all_at(contents, 0)
-            .map_err(|e| err("write the contents", e))?;
+        fill_file(self.dir, contents, &f).map_err(|e| match e {
+            Fill::Data(source) => FilesError::Data {
+                at: at.clone(),
+                source,
+            },
+            Fill::Io(e) => err("write the contents", e),
+        })?;
         let fd = OwnedFd::from(f);
         let raw = fd.as_raw_fd();
         self.memfds.insert(inode, fd);
@@ -1359,11 +1477,13 @@ impl FileTable {
     /// Controller side: opens everything the images of `ckpt` reference.
     /// Errors name the pid, fd, path and kind.
     pub fn open(ckpt: &Checkpoint, opts: &FileOptions) -> Result<FileTable, FilesError> {
-        Self::open_images(&ckpt.inventory, &ckpt.processes, opts)
+        Self::open_images(&ckpt.dir, &ckpt.inventory, &ckpt.processes, opts)
     }
 
-    /// [`FileTable::open`] from an inventory and process images.
+    /// [`FileTable::open`] from an inventory and process images, whose
+    /// file-data files are in `dir`.
     pub fn open_images(
+        dir: &Path,
         inv: &Inventory,
         procs: &[ProcessImage],
         opts: &FileOptions,
@@ -1386,11 +1506,12 @@ impl FileTable {
         ensure_nofile(plan.max_fd, count, base as u64 + 2 * count + SLACK)?;
 
         let mut op = Opener {
+            dir,
             plan: &plan,
             opts,
             pipes: HashMap::new(),
             fifos: HashMap::new(),
-            unlinked: HashMap::new(),
+            unlinked: Vec::new(),
             memfds: HashMap::new(),
             sockets: HashMap::new(),
         };
@@ -1514,6 +1635,7 @@ impl FileTable {
 mod tests {
     use super::*;
     use crate::image::model::FdEntry;
+    use crate::image::tests::TempDir;
 
     fn entry(fd: i32, flags: i32, kind: FdKind) -> FdEntry {
         FdEntry {
@@ -1532,11 +1654,38 @@ mod tests {
         }
     }
 
-    fn pipe(inode: u64, write_end: bool, data: &[u8]) -> FdKind {
+    fn pipe(inode: u64, write_end: bool, data: Blob) -> FdKind {
         FdKind::Pipe {
             inode,
             write_end,
-            data: data.to_vec(),
+            data,
+        }
+    }
+
+    /// A file-data file for the blobs of a test's images.
+    struct TestData {
+        dir: TempDir,
+        w: Option<crate::image::DataWriter>,
+    }
+
+    impl TestData {
+        fn new(tag: &str) -> TestData {
+            let dir = TempDir::new(tag);
+            let w = Some(crate::image::DataWriter::new(dir.path(), 1));
+            TestData { dir, w }
+        }
+
+        fn blob(&mut self, bytes: &[u8]) -> Blob {
+            let w = self.w.as_mut().expect("not finished");
+            crate::image::DataSink::store_stream(w, &mut &bytes[..]).unwrap()
+        }
+
+        /// Finish the file; the directory to restore from.
+        fn dir(&mut self) -> &Path {
+            if let Some(w) = self.w.take() {
+                w.finish().unwrap();
+            }
+            self.dir.path()
         }
     }
 
@@ -1593,19 +1742,21 @@ mod tests {
 
     #[test]
     fn pipes_with_one_end_in_the_tree_are_external() {
+        let mut d = TestData::new("rf-external");
+        let data = d.blob(b"data");
         let procs = vec![
             proc(
                 10,
                 vec![
-                    entry(0, libc::O_RDONLY, pipe(100, false, b"")),
-                    entry(3, libc::O_WRONLY, pipe(200, true, b"")),
+                    entry(0, libc::O_RDONLY, pipe(100, false, Blob::default())),
+                    entry(3, libc::O_WRONLY, pipe(200, true, Blob::default())),
                 ],
             ),
             proc(
                 11,
                 vec![
-                    entry(4, libc::O_RDONLY, pipe(200, false, b"data")),
-                    entry(1, libc::O_WRONLY, pipe(300, true, b"")),
+                    entry(4, libc::O_RDONLY, pipe(200, false, data.clone())),
+                    entry(1, libc::O_WRONLY, pipe(300, true, Blob::default())),
                 ],
             ),
         ];
@@ -1616,7 +1767,7 @@ mod tests {
             PipeUse {
                 read: true,
                 write: true,
-                data: b"data"
+                data: Some(&data)
             }
         );
         let ext: Vec<(String, i32, i32)> = p
@@ -1633,7 +1784,7 @@ mod tests {
             vec!["pipe:[100]", "pipe:[300]"]
         );
         // Without --inherit-fd they become pipes whose outside end is closed.
-        let t = FileTable::open_images(&inv, &procs, &FileOptions::default()).unwrap();
+        let t = FileTable::open_images(d.dir(), &inv, &procs, &FileOptions::default()).unwrap();
         assert_eq!(t.external_keys(), &["pipe:[100]", "pipe:[300]"]);
     }
 
@@ -1710,6 +1861,8 @@ mod tests {
             shutdown,
         };
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut d = TestData::new("rf-pairs");
+        let big_blob = d.blob(&big);
         let (st, dg) = (libc::SOCK_STREAM, libc::SOCK_DGRAM);
         let procs = vec![
             proc(
@@ -1717,7 +1870,7 @@ mod tests {
                 vec![
                     entry(3, libc::O_RDWR, us(1, 2, st, &[b"to-a"], 0)),
                     entry(5, libc::O_RDWR, us(3, 4, dg, &[b"one", b"second"], 1)),
-                    entry(7, libc::O_RDONLY, pipe(9, false, &big)),
+                    entry(7, libc::O_RDONLY, pipe(9, false, big_blob)),
                     entry(
                         9,
                         libc::O_RDWR,
@@ -1737,12 +1890,17 @@ mod tests {
                         us(2, 1, st, &[b"to-b"], 0),
                     ),
                     entry(6, libc::O_RDWR, us(4, 3, dg, &[], 2)),
-                    entry(8, libc::O_WRONLY, pipe(9, true, b"")),
+                    entry(8, libc::O_WRONLY, pipe(9, true, Blob::default())),
                 ],
             ),
         ];
-        let table =
-            FileTable::open_images(&Inventory::default(), &procs, &FileOptions::default()).unwrap();
+        let table = FileTable::open_images(
+            d.dir(),
+            &Inventory::default(),
+            &procs,
+            &FileOptions::default(),
+        )
+        .unwrap();
         assert_eq!((table.base(), table.len()), (10, 7));
         let mut p = [0; 2];
         // SAFETY: room for two fds.

@@ -222,7 +222,7 @@ fn dump_records_fds_of_every_supported_kind() {
         FdKind::Regular {
             unlinked_contents: Some(c),
             ..
-        } => assert_eq!(c, b"unlinked-data"),
+        } => assert_eq!(cp.read_blob(c).unwrap(), b"unlinked-data"),
         k => panic!("unlinked file: {k:?}"),
     }
     assert!(matches!(get(nums[2]), FdKind::Directory { .. }));
@@ -231,21 +231,23 @@ fn dump_records_fds_of_every_supported_kind() {
     let pipe_data: Vec<u8> = [nums[5], nums[6]]
         .iter()
         .filter_map(|&n| match get(n) {
-            FdKind::Pipe { data, .. } if !data.is_empty() => Some(data.clone()),
+            FdKind::Pipe { data, .. } if !data.is_empty() => Some(cp.read_blob(data).unwrap()),
             _ => None,
         })
         .next()
         .expect("pipe data recorded");
     assert_eq!(pipe_data, b"buffered");
     match get(nums[7]) {
-        FdKind::Fifo { data, .. } => assert_eq!(data, b"fifo-data"),
+        FdKind::Fifo { data, .. } => assert_eq!(cp.read_blob(data).unwrap(), b"fifo-data"),
         k => panic!("fifo: {k:?}"),
     }
     assert!(matches!(get(nums[8]), FdKind::EventFd { count: 42, .. }));
     match get(nums[9]) {
         FdKind::Memfd { name, contents, .. } => {
             assert_eq!(name, "victim-memfd");
-            assert_eq!(contents.len(), 3 * 4096);
+            assert_eq!(contents.len, 3 * 4096);
+            let bytes = cp.read_blob(contents).unwrap();
+            assert_eq!(bytes.len(), 3 * 4096);
         }
         k => panic!("memfd: {k:?}"),
     }

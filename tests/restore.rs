@@ -541,6 +541,82 @@ fn files_at_offsets_and_every_fd_kind_twice() {
     ok(cycles("fds", &[], 2), "OK fds=10");
 }
 
+/// `VmHWM` of a process, in KiB.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn large_memfd_unlinked_file_and_pipe_round_trip_in_bounded_memory() {
+    root_or_skip!();
+    // A 256 MiB memfd (1/8 holes), a 16 MiB unlinked file and 1 MiB in a
+    // pipe, each checked byte for byte by the victim after the restore.
+    // Neither the dumper nor the restore controller may hold them: their
+    // peak RSS must stay far below the memfd's size.
+    const MIB: u64 = 256;
+    const LIMIT_KIB: u64 = 64 << 10;
+    let vdir = tempdir("bigfiles-victim");
+    let v = Victim::spawn_stderr(
+        "bigfiles",
+        &[&MIB.to_string()],
+        &[RESTORED, ("PDUMP_VICTIM_DIR", vdir.to_str().unwrap())],
+        Stdio::null(),
+    );
+    let pid = v.pid;
+    let memfd: i32 = v.ready[0].parse().unwrap();
+    let dir = tempdir("restore-bigfiles");
+    let out = Command::new(pdump_bin())
+        .args(["dump", "-t", &pid.to_string(), "-D", dir.to_str().unwrap()])
+        .env("PDUMP_REPORT_HWM", "1")
+        .output()
+        .unwrap();
+    crate::util::assert_ok(&out, "pdump dump (kill)");
+    drop(v); // killed by the dump: reaped here
+    let err = String::from_utf8_lossy(&out.stderr);
+    let dump_hwm: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS (VmHWM):"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM line in {err}"));
+    assert!(
+        dump_hwm < LIMIT_KIB,
+        "dumper peak RSS {dump_hwm} KiB with a {MIB} MiB memfd"
+    );
+
+    // The contents went into the file-data file, holes as holes.
+    let cp = pdump::image::Checkpoint::open(&dir).unwrap();
+    cp.verify_pages().unwrap();
+    let e = cp.processes[0].fds.iter().find(|e| e.fd == memfd).unwrap();
+    let pdump::image::model::FdKind::Memfd { contents, .. } = &e.kind else {
+        panic!("{e:?}")
+    };
+    assert_eq!(contents.len, MIB << 20);
+    let data = dir.join(&contents.file);
+    let meta = std::fs::metadata(&data).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < meta.len() - (MIB << 20) / 16,
+        "{} is not sparse: {meta:?}",
+        data.display()
+    );
+
+    let v = Victim::restore(&dir, pid, &[]);
+    let restore_hwm = vm_hwm_kib(v.child.id());
+    assert!(
+        restore_hwm < LIMIT_KIB,
+        "restore controller peak RSS {restore_hwm} KiB with a {MIB} MiB memfd"
+    );
+    ok(v, &format!("OK bigfiles={MIB}"));
+    eprintln!("bigfiles {MIB} MiB: dumper peak RSS {dump_hwm} KiB, restore {restore_hwm} KiB");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&vdir);
+}
+
 #[test]
 fn a_group_whose_leader_is_gone_is_made_by_a_helper() {
     root_or_skip!();

@@ -406,7 +406,7 @@ fn checks_for(
                     };
                     pipe_ends.entry(*inode).or_insert(e.fd);
                     if !write_end && !data.is_empty() {
-                        c.buffered = Some(data.len() as i32);
+                        c.buffered = Some(data.len as i32);
                     }
                 }
             }
@@ -414,7 +414,7 @@ fn checks_for(
                 write_end: false,
                 data,
                 ..
-            } if !data.is_empty() => c.buffered = Some(data.len() as i32),
+            } if !data.is_empty() => c.buffered = Some(data.len as i32),
             FdKind::UnixSocket { queued, .. } => {
                 c.link = Link::Around(b"socket:[".to_vec(), b"]".to_vec());
                 if !queued.is_empty() {
@@ -428,7 +428,7 @@ fn checks_for(
                 ..
             } => {
                 c.pos = Some(*pos as i64);
-                c.memfd = Some((contents.clone(), *seals as i32));
+                c.memfd = Some((cp.read_blob(contents).unwrap(), *seals as i32));
             }
             _ => {}
         }
@@ -463,8 +463,9 @@ fn dumped_fds_victim(
     let l = links(v.pid);
     // The original dies (its FIFO and files stay), as before a restore.
     drop(v);
+    // The directory stays until the test ends: the file-data file is read
+    // when the files are opened.
     let cp = Checkpoint::open(&dir).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     (cp, nums, l, vdir)
 }
 
@@ -540,6 +541,7 @@ fn fds_victim_every_kind_installed() {
     ));
     drop(table);
     let _ = std::fs::remove_dir_all(&vdir);
+    let _ = std::fs::remove_dir_all(&cp.dir);
 }
 
 #[test]
@@ -580,6 +582,7 @@ fn changed_size_is_refused_unless_allowed() {
     opts.allow_size_change = true;
     FileTable::open(&cp, &opts).unwrap();
     let _ = std::fs::remove_dir_all(&vdir);
+    let _ = std::fs::remove_dir_all(&cp.dir);
 }
 
 trait AppendExt {
@@ -679,7 +682,8 @@ fn ipc_tree_shared_files_pipes_and_socketpairs() {
         if let FdKind::UnixSocket { queued, .. } = k1 {
             socks += usize::from(queued == &vec![b"hello".to_vec()]);
         }
-        if matches!(k1, FdKind::Pipe { data, write_end: false, .. } if data == b"ping\n") {
+        if matches!(k1, FdKind::Pipe { data, write_end: false, .. } if cp.read_blob(data).unwrap() == b"ping\n")
+        {
             pipes_checked += 1;
         }
     }

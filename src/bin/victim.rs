@@ -103,6 +103,16 @@
 //!   eventfd), file status and descriptor flags, the identity of every file
 //!   (`/proc/self/fd` link, inode), removes the regular file and the FIFO
 //!   and prints `OK fds=10`.
+//! * `bigfiles [MIB]` (default 256): a memfd `victim-big` (MFD_CLOEXEC,
+//!   sealable, `F_SEAL_SHRINK`) of MIB MiB, an unlinked file
+//!   `$PDUMP_VICTIM_DIR/pdump-victim-<pid>-bigunlinked` of MIB/16 MiB (at
+//!   least 1), both made of 1 MiB chunks where chunk `c` is zero (a hole,
+//!   never written) if `c % 8 == 3`, else word j =
+//!   `splitmix64(SEED ^ c << 20 ^ j)` (a seed per file), left at offsets
+//!   12345 and 777; and a pipe (`F_SETPIPE_SZ` 1 MiB) holding 1 MiB.
+//!   `READY <pid> <memfd> <unlinked fd> <pipe read end> <MIB>`. On SIGTERM
+//!   it checks sizes, offsets, seals and every byte, and prints
+//!   `OK bigfiles=<MIB>`.
 //! * `timers`: SIGALRM handler with `setitimer(ITIMER_REAL)` at a 100 ms
 //!   interval, and a SIGUSR1 `SA_SIGINFO` handler fed by a POSIX timer
 //!   (`timer_create(CLOCK_MONOTONIC)`, SIGEV_SIGNAL, 50 ms interval, whose
@@ -2423,6 +2433,163 @@ fn mode_fds() -> Result<String, String> {
     r?;
     common.verify()?;
     Ok("OK fds=10".into())
+}
+
+// ---------------------------------------------------------------------------
+// bigfiles
+// ---------------------------------------------------------------------------
+
+const BIG_CHUNK: usize = 1 << 20;
+/// Offsets the `bigfiles` fds are left at.
+const BIG_MEMFD_POS: i64 = 12_345;
+const BIG_UNLINKED_POS: i64 = 777;
+
+/// Chunk `c` of a `bigfiles` file (`seed` names the file): all zero (never
+/// written, a hole) when `c % 8 == 3`, else u64 word j =
+/// `splitmix64(seed ^ c << 20 ^ j)`.
+fn big_chunk(seed: u64, c: u64, out: &mut [u8]) {
+    if c % 8 == 3 {
+        out.fill(0);
+        return;
+    }
+    for (j, w) in out.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&splitmix64(seed ^ (c << 20) ^ j as u64).to_le_bytes());
+    }
+}
+
+/// Fill `fd` with `chunks` [`big_chunk`]s of `seed`, leaving the zero ones
+/// as holes.
+fn big_fill(fd: c_int, seed: u64, chunks: u64) -> Result<(), String> {
+    let mut buf = vec![0u8; BIG_CHUNK];
+    // SAFETY: ftruncate takes integers.
+    if unsafe { libc::ftruncate(fd, (chunks * BIG_CHUNK as u64) as libc::off_t) } != 0 {
+        return Err(format!("bigfiles: ftruncate: {}", errno()));
+    }
+    for c in (0..chunks).filter(|c| c % 8 != 3) {
+        big_chunk(seed, c, &mut buf);
+        // SAFETY: writes from a valid buffer.
+        let r = unsafe {
+            libc::pwrite(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                (c * BIG_CHUNK as u64) as libc::off_t,
+            )
+        };
+        if r != buf.len() as isize {
+            return Err(format!("bigfiles: pwrite: {}", errno()));
+        }
+    }
+    Ok(())
+}
+
+/// Check size, offset and every chunk of a [`big_fill`]ed file.
+fn big_check(what: &str, fd: c_int, seed: u64, chunks: u64, pos: i64) -> Result<(), String> {
+    // SAFETY: an all-zero stat is valid; fstat and lseek take our fd.
+    let mut st: libc::stat = unsafe { zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(format!("bigfiles: {what}: fstat: {}", errno()));
+    }
+    expect(
+        &format!("{what} size"),
+        st.st_size as u64,
+        chunks * BIG_CHUNK as u64,
+    )?;
+    // SAFETY: lseek takes integers.
+    expect(
+        &format!("{what} offset"),
+        unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) },
+        pos,
+    )?;
+    let (mut got, mut want) = (vec![0u8; BIG_CHUNK], vec![0u8; BIG_CHUNK]);
+    for c in 0..chunks {
+        // SAFETY: reads into a valid buffer.
+        let r = unsafe {
+            libc::pread(
+                fd,
+                got.as_mut_ptr().cast(),
+                got.len(),
+                (c * BIG_CHUNK as u64) as libc::off_t,
+            )
+        };
+        if r != got.len() as isize {
+            return Err(format!(
+                "bigfiles: {what}: pread chunk {c}: {r}: {}",
+                errno()
+            ));
+        }
+        big_chunk(seed, c, &mut want);
+        if got != want {
+            return Err(format!("bigfiles: {what}: chunk {c} differs"));
+        }
+    }
+    Ok(())
+}
+
+fn mode_bigfiles(mib: u64) -> Result<String, String> {
+    const MEMFD_SEED: u64 = 0x6D65_6D66_0000_0000;
+    const UNL_SEED: u64 = 0x756E_6C6B_0000_0000;
+    const PIPE_SEED: u64 = 0x7069_7065_0000_0000;
+    let common = common_init(0);
+    let dir = std::env::var_os("PDUMP_VICTIM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let unl_path = dir.join(format!("pdump-victim-{}-bigunlinked", getpid()));
+    let unl_chunks = (mib / 16).max(1);
+    let mut pipe_data = vec![0u8; BIG_CHUNK];
+    big_chunk(PIPE_SEED, 0, &mut pipe_data);
+    // SAFETY: raw syscalls with valid pointers; every fd is checked.
+    let (mfd, unl, pr) = unsafe {
+        let mfd = check_fd(
+            libc::memfd_create(
+                c"victim-big".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            ),
+            "memfd_create",
+        )?;
+        big_fill(mfd, MEMFD_SEED, mib)?;
+        libc::lseek(mfd, BIG_MEMFD_POS, libc::SEEK_SET);
+        if libc::fcntl(mfd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) != 0 {
+            return Err(format!("bigfiles: F_ADD_SEALS: {}", errno()));
+        }
+        let c = std::ffi::CString::new(unl_path.as_os_str().as_encoded_bytes())
+            .map_err(|e| e.to_string())?;
+        let unl = check_fd(
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                0o600,
+            ),
+            "open the unlinked file",
+        )?;
+        big_fill(unl, UNL_SEED, unl_chunks)?;
+        libc::unlink(c.as_ptr());
+        libc::lseek(unl, BIG_UNLINKED_POS, libc::SEEK_SET);
+        let mut p = [0; 2];
+        if libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK) != 0
+            || libc::fcntl(p[1], libc::F_SETPIPE_SZ, BIG_CHUNK as c_int) < BIG_CHUNK as c_int
+        {
+            return Err(format!("bigfiles: pipe of 1 MiB: {}", errno()));
+        }
+        write_all(p[1], &pipe_data, "pipe")?;
+        (mfd, unl, p[0])
+    };
+    emit(&format!("READY {} {mfd} {unl} {pr} {mib}", getpid()));
+    wait_for_term();
+    big_check("memfd", mfd, MEMFD_SEED, mib, BIG_MEMFD_POS)?;
+    // SAFETY: F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(mfd, libc::F_GET_SEALS) };
+    expect("memfd seals", seals, libc::F_SEAL_SHRINK)?;
+    big_check("unlinked file", unl, UNL_SEED, unl_chunks, BIG_UNLINKED_POS)?;
+    let mut got = vec![0u8; BIG_CHUNK + 1];
+    // SAFETY: reads into a valid buffer (non-blocking pipe).
+    let n = unsafe { libc::read(pr, got.as_mut_ptr().cast(), got.len()) };
+    expect("pipe bytes", n, BIG_CHUNK as isize)?;
+    if got[..BIG_CHUNK] != pipe_data[..] {
+        return Err("bigfiles: pipe data differs".into());
+    }
+    common.verify()?;
+    Ok(format!("OK bigfiles={mib}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -5064,7 +5231,7 @@ fn mode_writer(mib: usize) -> Result<String, String> {
 fn usage() -> ! {
     eprintln!(
         "usage: pdump-victim MODE [ARGS]\n\
-         modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | timers\n       \
+         modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | bigfiles [MIB] | timers\n       \
          | tree SPEC | tree-preset NAME | clonevm | protnone | core [N] | cow [PAGES] [watchdog,slow,private]\n       \
          | fill [MIB] [none|half] [SEED] | sparse [MAPPED_MIB] [TOUCHED_MIB] [SEED] | maps [N] [SEED] | writer [MIB]"
     );
@@ -5086,6 +5253,7 @@ fn main() {
             parse_num(args.get(3), 1, "SEED"),
         ),
         "fds" => mode_fds(),
+        "bigfiles" => mode_bigfiles(parse_num(args.get(2), 256, "MIB").max(1)),
         "timers" => mode_timers(),
         "tree" => mode_tree(&args[2..].join(" ")),
         "tree-preset" => mode_tree_preset(args.get(2)),

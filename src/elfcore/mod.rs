@@ -39,7 +39,7 @@ use object::write::elf::{FileHeader, ProgramHeader, Writer};
 use object::write::WritableBuffer;
 use object::Endianness;
 
-use crate::image::model::{Vma, VmaKind};
+use crate::image::model::{VmFlag, Vma, VmaKind};
 use crate::image::PAGE_SIZE;
 use crate::snapshot::{open_mapped, read_full_at, Snapshot, Source};
 
@@ -185,8 +185,8 @@ mod filter {
     pub const HUGETLB_SHARED: u32 = 1 << 6;
 }
 
-fn has_flag(v: &Vma, f: &str) -> bool {
-    v.vm_flags.iter().any(|x| x == f)
+fn has_flag(v: &Vma, f: VmFlag) -> bool {
+    v.vm_flags.contains(f)
 }
 
 /// How many bytes of mapping `v` (from its start) the core holds.
@@ -199,10 +199,10 @@ pub fn dump_size(snap: &Snapshot, v: &Vma, filter: u32) -> u64 {
         VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => return 0,
         _ => {}
     }
-    if has_flag(v, "dd") {
+    if has_flag(v, VmFlag::DontDump) {
         return 0;
     }
-    if has_flag(v, "ht") {
+    if has_flag(v, VmFlag::HugeTlb) {
         let bit = if v.shared {
             HUGETLB_SHARED
         } else {
@@ -210,7 +210,7 @@ pub fn dump_size(snap: &Snapshot, v: &Vma, filter: u32) -> u64 {
         };
         return if on(bit) { whole } else { 0 };
     }
-    if has_flag(v, "io") || has_flag(v, "pf") {
+    if has_flag(v, VmFlag::Io) || has_flag(v, VmFlag::PfnMap) {
         return 0;
     }
     let file = notes::has_file(v);

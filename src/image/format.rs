@@ -38,7 +38,7 @@ use serde::Serialize;
 use super::ImageError;
 
 /// Current major format version. Readers reject any other major.
-pub const FORMAT_MAJOR: u16 = 4;
+pub const FORMAT_MAJOR: u16 = 5;
 /// Current minor format version. Readers reject newer minors of their major.
 pub const FORMAT_MINOR: u16 = 0;
 
@@ -47,8 +47,9 @@ pub const HEADER_SIZE: usize = 32;
 /// Offset of the page data in a page file (the header page is padded with zeros).
 pub const PAGES_DATA_OFFSET: u64 = 4096;
 
-/// Flag bit: the payload CRC field is 0 and per-run CRC32Cs live in the
-/// process core image ([`super::model::PageRun::crc32c`]). Set in page files only.
+/// Flag bit: the payload CRC field is 0 and per-record CRC32Cs live in the
+/// process core image ([`super::model::PageRun::crc32c`],
+/// [`super::model::Blob::crc32c`]). Set in page and file-data files only.
 pub const FLAG_RUN_CRCS: u32 = 1 << 0;
 
 /// Largest inventory payload a reader accepts.
@@ -87,11 +88,18 @@ pub enum FileKind {
     Core,
     /// `pages-<pid>.img`.
     Pages,
+    /// `files-<pid>.img`: contents of files and pipes ([`super::model::Blob`]).
+    FileData,
 }
 
 impl FileKind {
     /// Every kind.
-    pub const ALL: [FileKind; 3] = [FileKind::Inventory, FileKind::Core, FileKind::Pages];
+    pub const ALL: [FileKind; 4] = [
+        FileKind::Inventory,
+        FileKind::Core,
+        FileKind::Pages,
+        FileKind::FileData,
+    ];
 
     /// The kind byte of the magic.
     pub const fn code(self) -> u8 {
@@ -99,6 +107,7 @@ impl FileKind {
             FileKind::Inventory => b'I',
             FileKind::Core => b'C',
             FileKind::Pages => b'P',
+            FileKind::FileData => b'F',
         }
     }
 
@@ -108,6 +117,7 @@ impl FileKind {
             FileKind::Inventory => "inventory",
             FileKind::Core => "process core image",
             FileKind::Pages => "page file",
+            FileKind::FileData => "file-data file",
         }
     }
 
@@ -122,14 +132,14 @@ impl FileKind {
         match self {
             FileKind::Inventory => MAX_INVENTORY_PAYLOAD,
             FileKind::Core => MAX_CORE_PAYLOAD,
-            FileKind::Pages => u64::MAX,
+            FileKind::Pages | FileKind::FileData => u64::MAX,
         }
     }
 
     /// The flags a file of this kind must carry.
     pub const fn flags(self) -> u32 {
         match self {
-            FileKind::Pages => FLAG_RUN_CRCS,
+            FileKind::Pages | FileKind::FileData => FLAG_RUN_CRCS,
             _ => 0,
         }
     }
@@ -137,7 +147,7 @@ impl FileKind {
     /// Offset of the payload in the file.
     pub const fn payload_offset(self) -> u64 {
         match self {
-            FileKind::Pages => PAGES_DATA_OFFSET,
+            FileKind::Pages | FileKind::FileData => PAGES_DATA_OFFSET,
             _ => HEADER_SIZE as u64,
         }
     }
@@ -313,12 +323,13 @@ impl Header {
                 expected: kind.flags(),
             });
         }
-        if kind == FileKind::Pages && h.payload_crc != 0 {
+        if kind.flags() & FLAG_RUN_CRCS != 0 && h.payload_crc != 0 {
             return Err(ImageError::BadHeader {
                 path: path.to_path_buf(),
                 offset: offsets::PAYLOAD_CRC,
                 what: format!(
-                    "payload CRC field of a page file is {:#010x}, must be 0",
+                    "payload CRC field of a {} is {:#010x}, must be 0",
+                    kind.name(),
                     h.payload_crc
                 ),
             });
@@ -356,6 +367,118 @@ pub fn encode<T: Serialize>(kind: FileKind, value: &T, path: &Path) -> Result<Ve
     let crc = crc32c::crc32c(&buf[HEADER_SIZE..]);
     buf[..HEADER_SIZE].copy_from_slice(&Header::new(kind, payload_len, crc).to_bytes());
     Ok(buf)
+}
+
+/// Encode `value` as a framed file of `kind` into `out`, an empty file,
+/// streamed through a 64 KiB buffer: the payload from byte 32 on, then the
+/// header at byte 0 once the payload's length and CRC are known. Memory
+/// does not grow with the payload (a core image with tens of thousands of
+/// mappings is megabytes). Fails like [`encode`], as soon as the payload
+/// passes the kind's limit; the caller removes the partial file.
+pub fn write_framed<T: Serialize>(
+    kind: FileKind,
+    value: &T,
+    out: &std::fs::File,
+    path: &Path,
+) -> Result<(), ImageError> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let io_err = |op| {
+        move |source| ImageError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let mut w = Framing {
+        out: std::io::BufWriter::with_capacity(64 << 10, out),
+        len: 0,
+        crc: 0,
+        limit: kind.max_payload(),
+        error: None,
+    };
+    w.out
+        .write_all(&[0u8; HEADER_SIZE])
+        .map_err(io_err("write"))?;
+    let r = postcard::to_io(value, &mut w)
+        .map(|_| ())
+        .and_then(|()| w.flush().map_err(|_| postcard::Error::SerializeBufferFull));
+    match (r, w.error.take()) {
+        (_, Some(FramingError::TooLarge)) => {
+            return Err(ImageError::TooLarge {
+                path: path.to_path_buf(),
+                offset: offsets::PAYLOAD_LEN,
+                len: w.len,
+                limit: w.limit,
+            })
+        }
+        (_, Some(FramingError::Io(e))) => return Err(io_err("write")(e)),
+        (Err(source), None) => {
+            return Err(ImageError::Encode {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        (Ok(()), None) => {}
+    }
+    let (len, crc) = (w.len, w.crc);
+    drop(w);
+    out.write_all_at(&Header::new(kind, len, crc).to_bytes(), 0)
+        .map_err(io_err("write"))
+}
+
+/// Why [`Framing`] refused a write.
+enum FramingError {
+    TooLarge,
+    Io(std::io::Error),
+}
+
+/// The payload writer of [`write_framed`]: counts and checksums what
+/// passes, refuses to pass the limit, keeps the first error (postcard
+/// reports a failed write without its cause).
+struct Framing<W> {
+    out: W,
+    len: u64,
+    crc: u32,
+    limit: u64,
+    error: Option<FramingError>,
+}
+
+impl<W: std::io::Write> std::io::Write for Framing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.error.is_some() {
+            return Err(std::io::Error::other("an earlier write failed"));
+        }
+        if self.len + buf.len() as u64 > self.limit {
+            self.len += buf.len() as u64;
+            self.error = Some(FramingError::TooLarge);
+            return Err(std::io::Error::other("payload over the limit"));
+        }
+        match self.out.write_all(buf) {
+            Ok(()) => {
+                self.len += buf.len() as u64;
+                self.crc = crc32c::crc32c_append(self.crc, buf);
+                Ok(buf.len())
+            }
+            Err(e) => {
+                let r = std::io::Error::new(e.kind(), e.to_string());
+                self.error = Some(FramingError::Io(e));
+                Err(r)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.error.is_some() {
+            return Err(std::io::Error::other("an earlier write failed"));
+        }
+        self.out.flush().inspect_err(|e| {
+            self.error = Some(FramingError::Io(std::io::Error::new(
+                e.kind(),
+                e.to_string(),
+            )));
+        })
+    }
 }
 
 /// Decode a complete framed file of `kind` held in memory.
@@ -488,6 +611,11 @@ pub fn pages_header(data_len: u64) -> Header {
     Header::new(FileKind::Pages, data_len, 0)
 }
 
+/// The header of a file-data file holding `data_len` bytes of data.
+pub fn file_data_header(data_len: u64) -> Header {
+    Header::new(FileKind::FileData, data_len, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,6 +658,34 @@ mod tests {
         ));
         let ok = Header::new(FileKind::Core, 10, 1).to_bytes();
         assert!(Header::validate(&ok, FileKind::Core, Path::new("x")).is_ok());
+    }
+
+    #[test]
+    fn streamed_write_equals_encode() {
+        let dir = std::env::temp_dir().join(format!("pdump-framed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        // Payloads around the 64 KiB buffer size.
+        for n in [0usize, 1, 65_000, 200_000] {
+            let value: Vec<u32> = (0..n as u32)
+                .map(|i| i.wrapping_mul(2_654_435_761))
+                .collect();
+            let f = std::fs::File::create(&path).unwrap();
+            write_framed(FileKind::Core, &value, &f, &path).unwrap();
+            let want = encode(FileKind::Core, &value, &path).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), want, "{n}");
+            assert_eq!(
+                decode::<Vec<u32>>(FileKind::Core, &want, &path).unwrap(),
+                value
+            );
+        }
+        // Over the limit: refused once the limit is passed, not at the end.
+        let big = vec![7u8; (MAX_INVENTORY_PAYLOAD + 1) as usize];
+        let f = std::fs::File::create(&path).unwrap();
+        let e = write_framed(FileKind::Inventory, &big, &f, &path).unwrap_err();
+        assert!(matches!(e, ImageError::TooLarge { .. }), "{e}");
+        assert!(std::fs::metadata(&path).unwrap().len() <= MAX_INVENTORY_PAYLOAD + 32);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

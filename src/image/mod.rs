@@ -6,6 +6,7 @@
 //! DIR/inventory.img      Inventory: what was dumped, by whom, for which arch/kernel
 //! DIR/core-<pid>.img     ProcessImage of every listed process
 //! DIR/pages-<pid>.img    its page data, page aligned (header page + data)
+//! DIR/files-<pid>.img    its file contents and pipe data, if any ([`data`])
 //! ```
 //!
 //! Every file is framed by [`format`] (magic per kind and arch, version,
@@ -17,20 +18,22 @@
 //! naming the file and, for content errors, the byte offset; it never panics
 //! on bad input.
 
+pub mod data;
 pub mod format;
 pub mod model;
 pub mod show;
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use data::{file_data_name, BlobRead, DataReader, DataSink, DataWriter};
 pub use format::PAGES_DATA_OFFSET;
 use format::{FileKind, Header, HEADER_SIZE};
-use model::{Inventory, PageRun, ProcessImage};
+use model::{FdKind, Inventory, PageRun, ProcessImage};
 
 /// Page size the image format is laid out for (run lengths, alignment).
 pub const PAGE_SIZE: u64 = pdump_arch::PAGE_SIZE as u64;
@@ -257,6 +260,41 @@ pub enum ImageError {
         /// CRC of the data.
         computed: u32,
     },
+    /// A blob lies (partly) outside its file-data file's data.
+    #[error(
+        "{}: blob at bytes {offset}..{} lies outside the file's data (which ends at byte {})",
+        path.display(),
+        offset.saturating_add(*len),
+        format::PAGES_DATA_OFFSET.saturating_add(*data_len)
+    )]
+    BlobOutOfBounds {
+        /// The file-data file.
+        path: PathBuf,
+        /// File offset of the blob.
+        offset: u64,
+        /// Blob length in bytes.
+        len: u64,
+        /// Bytes of data in the file.
+        data_len: u64,
+    },
+    /// A blob's data does not match its CRC32C in the image.
+    #[error(
+        "{}: blob at bytes {offset}..{} fails its checksum: stored {stored:#010x}, computed {computed:#010x}",
+        path.display(),
+        offset.saturating_add(*len)
+    )]
+    BlobChecksum {
+        /// The file-data file.
+        path: PathBuf,
+        /// File offset of the blob.
+        offset: u64,
+        /// Blob length in bytes.
+        len: u64,
+        /// CRC in the image.
+        stored: u32,
+        /// CRC of the data.
+        computed: u32,
+    },
     /// The decoded data contradicts itself or another file.
     #[error("{}: inconsistent image: {what}", path.display())]
     Inconsistent {
@@ -286,6 +324,8 @@ impl ImageError {
             | ImageError::Encode { path, .. }
             | ImageError::PageRunOutOfBounds { path, .. }
             | ImageError::PageRunChecksum { path, .. }
+            | ImageError::BlobOutOfBounds { path, .. }
+            | ImageError::BlobChecksum { path, .. }
             | ImageError::Inconsistent { path, .. } => path,
         }
     }
@@ -305,7 +345,9 @@ impl ImageError {
             | ImageError::TrailingBytes { offset, .. }
             | ImageError::Decode { offset, .. }
             | ImageError::PageRunOutOfBounds { offset, .. }
-            | ImageError::PageRunChecksum { offset, .. } => Some(*offset),
+            | ImageError::PageRunChecksum { offset, .. }
+            | ImageError::BlobOutOfBounds { offset, .. }
+            | ImageError::BlobChecksum { offset, .. } => Some(*offset),
             ImageError::Io { .. }
             | ImageError::Missing { .. }
             | ImageError::Encode { .. }
@@ -414,8 +456,13 @@ fn read_framed<T: serde::de::DeserializeOwned>(
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Write `bytes` to `dir/name` through a temporary file and a rename.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ImageError> {
+/// Write `dir/name` through a temporary file and a rename; `fill` writes
+/// the contents into the (empty) temporary file.
+fn write_atomic(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&File, &Path) -> Result<(), ImageError>,
+) -> Result<(), ImageError> {
     let final_path = dir.join(name);
     let tmp = dir.join(format!(
         ".{name}.tmp.{}.{}",
@@ -423,8 +470,8 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ImageError> 
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
+        let f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        fill(&f, &final_path)?;
         drop(f);
         std::fs::rename(&tmp, &final_path).map_err(io_err("rename", &final_path))
     })();
@@ -447,8 +494,9 @@ pub fn pages_file_name(pid: i32) -> String {
 
 /// Write `dir/inventory.img`.
 pub fn write_inventory(dir: &Path, inv: &Inventory) -> Result<(), ImageError> {
-    let bytes = format::encode(FileKind::Inventory, inv, &dir.join(INVENTORY_FILE))?;
-    write_atomic(dir, INVENTORY_FILE, &bytes)
+    write_atomic(dir, INVENTORY_FILE, |f, path| {
+        format::write_framed(FileKind::Inventory, inv, f, path)
+    })
 }
 
 /// Read and validate `dir/inventory.img`.
@@ -462,8 +510,9 @@ pub fn read_inventory(dir: &Path) -> Result<Inventory, ImageError> {
 /// Write `dir/core-<pid>.img` for `p.pid`.
 pub fn write_process(dir: &Path, p: &ProcessImage) -> Result<(), ImageError> {
     let name = core_file_name(p.pid);
-    let bytes = format::encode(FileKind::Core, p, &dir.join(&name))?;
-    write_atomic(dir, &name, &bytes)
+    write_atomic(dir, &name, |f, path| {
+        format::write_framed(FileKind::Core, p, f, path)
+    })
 }
 
 /// Read and validate `dir/core-<pid>.img` (the structure of one process:
@@ -540,6 +589,48 @@ pub fn finish_pages_file(file: &File, path: &Path, data_len: u64) -> Result<(), 
     std::fs::rename(partial_path(path), path).map_err(io_err("rename", path))
 }
 
+/// Open and validate a file laid out like a page file (header page, then
+/// raw data: [`FileKind::Pages`], [`FileKind::FileData`]): header, zero
+/// padding of the header page, and a file size of exactly header page +
+/// `payload_len`. Returns the file and its data length.
+fn open_paged(path: &Path, kind: FileKind) -> Result<(File, u64), ImageError> {
+    let file = open_existing(path)?;
+    let h = read_header(&file, kind, path)?;
+    let len = file_len(&file, path)?;
+    let need = PAGES_DATA_OFFSET
+        .checked_add(h.payload_len)
+        .ok_or_else(|| ImageError::TooLarge {
+            path: path.to_path_buf(),
+            offset: format::offsets::PAYLOAD_LEN,
+            len: h.payload_len,
+            limit: u64::MAX - PAGES_DATA_OFFSET,
+        })?;
+    let mut page = vec![0u8; PAGES_DATA_OFFSET as usize];
+    let got = read_prefix(&file, &mut page, path)?;
+    if got < page.len() || len < need {
+        return Err(ImageError::Truncated {
+            path: path.to_path_buf(),
+            offset: len,
+            need,
+        });
+    }
+    if let Some(i) = page[HEADER_SIZE..].iter().position(|&b| b != 0) {
+        return Err(ImageError::BadHeader {
+            path: path.to_path_buf(),
+            offset: (HEADER_SIZE + i) as u64,
+            what: "header page padding is not zero".to_string(),
+        });
+    }
+    if len > need {
+        return Err(ImageError::TrailingBytes {
+            path: path.to_path_buf(),
+            offset: need,
+            count: len - need,
+        });
+    }
+    Ok((file, h.payload_len))
+}
+
 /// A validated page file, open for reading page runs.
 #[derive(Debug)]
 pub struct PagesReader {
@@ -557,44 +648,11 @@ impl PagesReader {
     /// Open and validate the page file at `path`: header, zero padding of the
     /// header page, and a file size of exactly header page + `payload_len`.
     pub fn open_path(path: &Path) -> Result<PagesReader, ImageError> {
-        let file = open_existing(path)?;
-        let h = read_header(&file, FileKind::Pages, path)?;
-        let len = file_len(&file, path)?;
-        let need = PAGES_DATA_OFFSET
-            .checked_add(h.payload_len)
-            .ok_or_else(|| ImageError::TooLarge {
-                path: path.to_path_buf(),
-                offset: format::offsets::PAYLOAD_LEN,
-                len: h.payload_len,
-                limit: u64::MAX - PAGES_DATA_OFFSET,
-            })?;
-        let mut page = vec![0u8; PAGES_DATA_OFFSET as usize];
-        let got = read_prefix(&file, &mut page, path)?;
-        if got < page.len() || len < need {
-            return Err(ImageError::Truncated {
-                path: path.to_path_buf(),
-                offset: len,
-                need,
-            });
-        }
-        if let Some(i) = page[HEADER_SIZE..].iter().position(|&b| b != 0) {
-            return Err(ImageError::BadHeader {
-                path: path.to_path_buf(),
-                offset: (HEADER_SIZE + i) as u64,
-                what: "header page padding is not zero".to_string(),
-            });
-        }
-        if len > need {
-            return Err(ImageError::TrailingBytes {
-                path: path.to_path_buf(),
-                offset: need,
-                count: len - need,
-            });
-        }
+        let (file, data_len) = open_paged(path, FileKind::Pages)?;
         Ok(PagesReader {
             path: path.to_path_buf(),
             file,
-            data_len: h.payload_len,
+            data_len,
         })
     }
 
@@ -936,11 +994,25 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Read and validate the checkpoint in `dir`: the inventory, the core
-    /// image of every listed process, and the header of every page file,
-    /// including that every page run lies inside its page file. Page data
-    /// itself is checked by [`Checkpoint::verify_pages`].
+    /// image of every listed process, and the header of every page file
+    /// and file-data file, including that every page run and every blob
+    /// lies inside its file. Page data and blob data themselves are checked
+    /// by [`Checkpoint::verify_pages`].
     pub fn open(dir: &Path) -> Result<Checkpoint, ImageError> {
         let inventory = read_inventory(dir)?;
+        let mut data: std::collections::HashMap<String, DataReader> = Default::default();
+        let mut check_blob = |b: &model::Blob| -> Result<(), ImageError> {
+            if b.is_empty() {
+                return Ok(());
+            }
+            if !data.contains_key(&b.file) {
+                data.insert(b.file.clone(), DataReader::open(dir, &b.file)?);
+            }
+            data[&b.file].check(b).map(|_| ())
+        };
+        for o in &inventory.files {
+            o.kind.blob().map_or(Ok(()), &mut check_blob)?;
+        }
         let mut processes = Vec::with_capacity(inventory.processes.len());
         for &pid in &inventory.processes {
             let p = read_process(dir, pid)?;
@@ -959,6 +1031,9 @@ impl Checkpoint {
                         ),
                     ));
                 }
+            }
+            for e in &p.fds {
+                e.kind.blob().map_or(Ok(()), &mut check_blob)?;
             }
             processes.push(p);
         }
@@ -986,7 +1061,8 @@ impl Checkpoint {
         Self::pages_of(&self.dir, p)
     }
 
-    /// Check every page run's CRC32C against its data.
+    /// Check every page run's and every blob's CRC32C against its data
+    /// (streamed, one buffer at a time).
     pub fn verify_pages(&self) -> Result<(), ImageError> {
         for p in &self.processes {
             if let Some(pages) = self.pages(p)? {
@@ -995,7 +1071,52 @@ impl Checkpoint {
                 }
             }
         }
+        let fds = self
+            .processes
+            .iter()
+            .flat_map(|p| p.fds.iter().map(|e| &e.kind));
+        for b in self
+            .inventory
+            .files
+            .iter()
+            .map(|o| &o.kind)
+            .chain(fds)
+            .filter_map(FdKind::blob)
+            .filter(|b| !b.is_empty())
+        {
+            self.blob_reader(b)?.verify(b)?;
+        }
         Ok(())
+    }
+
+    /// Open the file-data file holding `blob` (check the blob's bounds
+    /// with [`DataReader::check`] or read it with [`DataReader::reader`]).
+    pub fn blob_reader(&self, blob: &model::Blob) -> Result<DataReader, ImageError> {
+        DataReader::open(&self.dir, &blob.file)
+    }
+
+    /// The bytes of `blob`, checked against its CRC32C, in memory: for
+    /// small blobs and tests (restore streams them instead).
+    pub fn read_blob(&self, blob: &model::Blob) -> Result<Vec<u8>, ImageError> {
+        if blob.is_empty() {
+            return Ok(Vec::new());
+        }
+        let r = self.blob_reader(blob)?;
+        let mut rd = r.reader(blob)?;
+        let mut out = vec![0u8; usize::try_from(blob.len).unwrap_or(usize::MAX).min(1 << 30)];
+        let mut at = 0;
+        loop {
+            if at == out.len() {
+                out.resize(at + data::CHUNK, 0);
+            }
+            let n = rd.read_chunk(&mut out[at..])?;
+            if n == 0 {
+                break;
+            }
+            at += n;
+        }
+        out.truncate(at);
+        Ok(out)
     }
 }
 
@@ -1063,7 +1184,7 @@ pub(crate) mod tests {
             inode: if kind == VmaKind::File { 1234 } else { 0 },
             path: path.map(str::to_string),
             kind,
-            vm_flags: vec!["rd".into(), "mr".into(), "mw".into(), "me".into()],
+            vm_flags: VmFlags::parse("rd mr mw me"),
             pages: Vec::new(),
         }
     }
@@ -1101,6 +1222,7 @@ pub(crate) mod tests {
     /// `big`, threads carry a full 2696-byte xsave area and there are more
     /// VMAs, runs and fds.
     pub(crate) fn sample_process(pid: i32, nthreads: i32, big: bool) -> (ProcessImage, Vec<u8>) {
+        let blobs = sample_blobs(pid, big);
         let fp = if big { 2696 } else { 8 };
         let mut vmas = vec![
             vma(
@@ -1225,7 +1347,7 @@ pub(crate) mod tests {
                 kind: FdKind::Pipe {
                     inode: 4242,
                     write_end: true,
-                    data: b"buffered".to_vec(),
+                    data: blobs[0].0.clone(),
                 },
             },
         ];
@@ -1240,7 +1362,7 @@ pub(crate) mod tests {
                         pos: 10,
                         size: 100,
                         mode: 0o100644,
-                        unlinked_contents: Some(vec![7; 100]),
+                        unlinked_contents: Some(blobs[1].0.clone()),
                     },
                 },
                 FdEntry {
@@ -1260,7 +1382,7 @@ pub(crate) mod tests {
                         name: "mem".into(),
                         inode: 99,
                         pos: 0,
-                        contents: vec![1, 2, 3],
+                        contents: blobs[2].0.clone(),
                         seals: 0,
                     },
                 },
@@ -1281,7 +1403,7 @@ pub(crate) mod tests {
                         path: "/tmp/fifo".into(),
                         inode: 77,
                         write_end: false,
-                        data: vec![],
+                        data: Blob::default(),
                     },
                 },
             ]);
@@ -1363,7 +1485,37 @@ pub(crate) mod tests {
     }
 
     /// Write a process's core image and page file.
+    /// The blobs of [`sample_process`] and their bytes, in file order: pipe
+    /// data, then (with `big`) unlinked file contents and memfd contents.
+    pub(crate) fn sample_blobs(pid: i32, big: bool) -> Vec<(Blob, Vec<u8>)> {
+        let mut bytes = vec![b"buffered".to_vec()];
+        if big {
+            bytes.push(vec![7; 100]);
+            bytes.push(vec![1, 2, 3]);
+        }
+        let mut offset = 0;
+        bytes
+            .into_iter()
+            .map(|b| {
+                let blob = Blob {
+                    file: file_data_name(pid),
+                    offset,
+                    len: b.len() as u64,
+                    crc32c: crc32c::crc32c(&b),
+                };
+                offset += b.len() as u64;
+                (blob, b)
+            })
+            .collect()
+    }
+
     pub(crate) fn write_sample_process(dir: &Path, p: &ProcessImage, data: &[u8]) {
+        let big = p.fds.iter().any(|e| matches!(e.kind, FdKind::Memfd { .. }));
+        let mut w = DataWriter::new(dir, p.pid);
+        for (blob, bytes) in sample_blobs(p.pid, big) {
+            assert_eq!(w.store_stream(&mut &bytes[..]).expect("store"), blob);
+        }
+        w.finish().expect("finish file data");
         let f = create_pages_file(dir, p.pid).expect("create pages");
         f.write_all_at(data, PAGES_DATA_OFFSET)
             .expect("write pages");
@@ -1506,6 +1658,8 @@ pub(crate) mod tests {
             [
                 "core-100.img",
                 "core-101.img",
+                "files-100.img",
+                "files-101.img",
                 "inventory.img",
                 "pages-100.img",
                 "pages-101.img"
@@ -1904,6 +2058,54 @@ pub(crate) mod tests {
         let e = open_verify(t.path()).unwrap_err();
         let _ = e.to_string();
         e
+    }
+
+    #[test]
+    fn blobs_are_read_back_and_checked() {
+        let fixture = TempDir::new("fixture-blobs");
+        write_sample(fixture.path(), true);
+        let fx = fixture.path();
+        let cp = open_verify(fx).unwrap();
+        for p in &cp.processes {
+            let blobs = sample_blobs(p.pid, true);
+            let got: Vec<Vec<u8>> = p
+                .fds
+                .iter()
+                .filter_map(|e| e.kind.blob())
+                .filter(|b| !b.is_empty())
+                .map(|b| cp.read_blob(b).unwrap())
+                .collect();
+            let want: Vec<Vec<u8>> = blobs.into_iter().map(|(_, b)| b).collect();
+            assert_eq!(got, want);
+        }
+        // A flipped data byte fails its blob's checksum.
+        let e = corrupt(fx, "files-100.img", |b| b[4096 + 9] ^= 1);
+        assert!(matches!(e, ImageError::BlobChecksum { .. }), "{e}");
+        assert_file(&e, "files-100.img");
+        // A missing or foreign file-data file.
+        let e = corrupt(fx, "files-101.img", |b| b[2] = b'P');
+        assert!(matches!(e, ImageError::BadMagic { offset: 0, .. }), "{e}");
+        // A blob past the end of its file's data, or naming another directory.
+        let e = open_altered(fx, |p| {
+            if let Some(FdEntry {
+                kind: FdKind::Pipe { data, .. },
+                ..
+            }) = p.fds.get_mut(1)
+            {
+                data.len += 1 << 20;
+            }
+        });
+        assert!(matches!(e, ImageError::BlobOutOfBounds { .. }), "{e}");
+        let e = open_altered(fx, |p| {
+            if let Some(FdEntry {
+                kind: FdKind::Pipe { data, .. },
+                ..
+            }) = p.fds.get_mut(1)
+            {
+                data.file = "../files-100.img".into();
+            }
+        });
+        assert!(matches!(e, ImageError::Inconsistent { .. }), "{e}");
     }
 
     #[test]

@@ -365,10 +365,272 @@ pub struct Vma {
     pub path: Option<String>,
     /// Kind.
     pub kind: VmaKind,
-    /// VmFlags from smaps (two-letter codes).
-    pub vm_flags: Vec<String>,
+    /// VmFlags from smaps.
+    pub vm_flags: VmFlags,
     /// Runs of dumped pages.
     pub pages: Vec<PageRun>,
+}
+
+macro_rules! vm_flag_table {
+    ($($(#[$doc:meta])* $name:ident = $code:literal,)*) => {
+        /// One `VmFlags` code of `/proc/PID/smaps` that pdump knows. The
+        /// declaration order is the bit number in [`VmFlags`] and part of the
+        /// image format: codes are only ever appended.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum VmFlag {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl VmFlag {
+            /// Every known code, in bit order.
+            pub const ALL: &'static [VmFlag] = &[$(VmFlag::$name,)*];
+
+            /// The two-letter code smaps prints.
+            pub const fn code(self) -> &'static str {
+                match self {
+                    $(VmFlag::$name => $code,)*
+                }
+            }
+        }
+    };
+}
+
+vm_flag_table! {
+    /// `rd`: readable.
+    Read = "rd",
+    /// `wr`: writable.
+    Write = "wr",
+    /// `ex`: executable.
+    Exec = "ex",
+    /// `sh`: shared.
+    Shared = "sh",
+    /// `mr`: may read.
+    MayRead = "mr",
+    /// `mw`: may write.
+    MayWrite = "mw",
+    /// `me`: may execute.
+    MayExec = "me",
+    /// `ms`: may share.
+    MayShare = "ms",
+    /// `gd`: grows down (MAP_GROWSDOWN).
+    GrowsDown = "gd",
+    /// `pf`: pure PFN range (VM_PFNMAP).
+    PfnMap = "pf",
+    /// `dw`: writes to the mapped file denied (before Linux 5.19).
+    DenyWrite = "dw",
+    /// `lo`: pages locked in memory.
+    Locked = "lo",
+    /// `io`: memory-mapped I/O.
+    Io = "io",
+    /// `sr`: MADV_SEQUENTIAL.
+    SeqRead = "sr",
+    /// `rr`: MADV_RANDOM.
+    RandRead = "rr",
+    /// `dc`: MADV_DONTFORK.
+    DontCopy = "dc",
+    /// `de`: not expanded on mremap.
+    DontExpand = "de",
+    /// `lf`: locked on fault (MLOCK_ONFAULT).
+    LockOnFault = "lf",
+    /// `ac`: accounted.
+    Account = "ac",
+    /// `nr`: no swap reserved (MAP_NORESERVE).
+    NoReserve = "nr",
+    /// `ht`: hugetlb.
+    HugeTlb = "ht",
+    /// `sf`: synchronous page faults (MAP_SYNC).
+    Sync = "sf",
+    /// `ar`: architecture specific.
+    Arch1 = "ar",
+    /// `wf`: MADV_WIPEONFORK.
+    WipeOnFork = "wf",
+    /// `dd`: MADV_DONTDUMP.
+    DontDump = "dd",
+    /// `bt`: arm64 BTI guarded.
+    Bti = "bt",
+    /// `sd`: soft dirty.
+    SoftDirty = "sd",
+    /// `mm`: mixed map.
+    MixedMap = "mm",
+    /// `hg`: MADV_HUGEPAGE.
+    HugePage = "hg",
+    /// `nh`: MADV_NOHUGEPAGE.
+    NoHugePage = "nh",
+    /// `mg`: MADV_MERGEABLE.
+    Mergeable = "mg",
+    /// `um`: userfaultfd missing-page tracking.
+    UffdMissing = "um",
+    /// `uw`: userfaultfd write-protect tracking.
+    UffdWp = "uw",
+    /// `mt`: arm64 MTE tags enabled.
+    Mte = "mt",
+    /// `ui`: userfaultfd minor-fault tracking.
+    UffdMinor = "ui",
+    /// `ss`: shadow stack.
+    ShadowStack = "ss",
+    /// `sl`: sealed (mseal).
+    Sealed = "sl",
+    /// `dp`: droppable (MAP_DROPPABLE).
+    Droppable = "dp",
+    /// `gu`: grows up (parisc, ia64).
+    GrowsUp = "gu",
+    /// `nl`: non-linear (before Linux 4.0).
+    NonLinear = "nl",
+    /// `mp`: MPX bounds tables (before Linux 5.6).
+    Mpx = "mp",
+}
+
+/// The `VmFlags:` line of a mapping's smaps entry: a bit set over
+/// [`VmFlag`] (bit `n` is `VmFlag::ALL[n]`), 8 bytes where a list of
+/// strings took hundreds. Codes this pdump does not know are not dropped:
+/// they are kept verbatim in [`VmFlags::unknown`] (allocated only when
+/// there are any), shown by `pdump show`, and left alone by restore, which
+/// only acts on the codes it knows.
+///
+/// Encoding: postcard (and any non-human-readable serde format) gets
+/// `bits: u64, unknown: Option<String>`; JSON gets the list of codes
+/// (`["rd", "wr", ...]`), known codes in bit order, then the unknown ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VmFlags {
+    bits: u64,
+    unknown: Option<Box<str>>,
+}
+
+impl VmFlags {
+    /// The bits that name a [`VmFlag`].
+    const KNOWN: u64 = if VmFlag::ALL.len() >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << VmFlag::ALL.len()) - 1
+    };
+
+    /// Parses the codes after `VmFlags:` (separated by whitespace).
+    pub fn parse(text: &str) -> VmFlags {
+        let mut f = VmFlags::default();
+        let mut unknown = String::new();
+        for code in text.split_whitespace() {
+            match VmFlag::ALL.iter().find(|k| k.code() == code) {
+                Some(&k) => f.insert(k),
+                None => {
+                    if !unknown.is_empty() {
+                        unknown.push(' ');
+                    }
+                    unknown.push_str(code);
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            f.unknown = Some(unknown.into_boxed_str());
+        }
+        f
+    }
+
+    /// A set of known codes.
+    pub fn from_flags(flags: &[VmFlag]) -> VmFlags {
+        let mut f = VmFlags::default();
+        for &k in flags {
+            f.insert(k);
+        }
+        f
+    }
+
+    /// Whether `flag` is set.
+    pub fn contains(&self, flag: VmFlag) -> bool {
+        self.bits & (1u64 << flag as u8) != 0
+    }
+
+    /// Whether any of `flags` is set.
+    pub fn contains_any(&self, flags: &[VmFlag]) -> bool {
+        flags.iter().any(|&f| self.contains(f))
+    }
+
+    /// Sets `flag`.
+    pub fn insert(&mut self, flag: VmFlag) {
+        self.bits |= 1u64 << flag as u8;
+    }
+
+    /// The known flags as bits (bit `n` is `VmFlag::ALL[n]`).
+    pub fn bits(&self) -> u64 {
+        self.bits
+    }
+
+    /// The codes pdump does not know, space separated, in smaps order.
+    pub fn unknown(&self) -> Option<&str> {
+        self.unknown.as_deref()
+    }
+
+    /// No code at all.
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0 && self.unknown.is_none()
+    }
+
+    /// Every code: the known ones in bit order, then the unknown ones.
+    pub fn codes(&self) -> impl Iterator<Item = &str> + '_ {
+        VmFlag::ALL
+            .iter()
+            .filter(|&&k| self.contains(k))
+            .map(|k| k.code())
+            .chain(self.unknown.as_deref().unwrap_or("").split_whitespace())
+    }
+}
+
+impl std::fmt::Display for VmFlags {
+    /// The codes separated by spaces, as smaps prints them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, c) in self.codes().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            f.write_str(c)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for VmFlags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq, SerializeTuple};
+        if s.is_human_readable() {
+            let mut seq = s.serialize_seq(None)?;
+            for c in self.codes() {
+                seq.serialize_element(c)?;
+            }
+            seq.end()
+        } else {
+            let mut t = s.serialize_tuple(2)?;
+            t.serialize_element(&self.bits)?;
+            t.serialize_element(&self.unknown.as_deref())?;
+            t.end()
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for VmFlags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<VmFlags, D::Error> {
+        if d.is_human_readable() {
+            let codes = Vec::<String>::deserialize(d)?;
+            return Ok(VmFlags::parse(&codes.join(" ")));
+        }
+        let (bits, unknown) = <(u64, Option<String>)>::deserialize(d)?;
+        if bits & !VmFlags::KNOWN != 0 {
+            return Err(serde::de::Error::custom(format!(
+                "VmFlags bits {:#x} name no known code",
+                bits & !VmFlags::KNOWN
+            )));
+        }
+        if unknown.as_deref().is_some_and(|u| {
+            u.split_whitespace().next().is_none() || u.split(' ').any(str::is_empty)
+        }) {
+            return Err(serde::de::Error::custom(
+                "VmFlags unknown codes are not space-separated codes",
+            ));
+        }
+        Ok(VmFlags {
+            bits,
+            unknown: unknown.map(String::into_boxed_str),
+        })
+    }
 }
 
 /// A run of contiguous present pages.
@@ -413,6 +675,45 @@ impl PageRun {
     }
 }
 
+impl FdKind {
+    /// The bytes this kind keeps in a file-data file, if any (unlinked
+    /// file contents, memfd contents, pipe and FIFO data).
+    pub fn blob(&self) -> Option<&Blob> {
+        match self {
+            FdKind::Regular {
+                unlinked_contents, ..
+            } => unlinked_contents.as_ref(),
+            FdKind::Pipe { data, .. } | FdKind::Fifo { data, .. } => Some(data),
+            FdKind::Memfd { contents, .. } => Some(contents),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes kept outside the model, in a file-data file of the checkpoint
+/// (`files-<pid>.img`): contents of memfds and unlinked files, data buffered
+/// in pipes. They are streamed there at dump time and back at restore, so
+/// neither side holds them in memory. An empty blob (`len == 0`) names no
+/// file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Blob {
+    /// Name of the file-data file in the checkpoint directory ("" if empty).
+    pub file: String,
+    /// Byte offset of the data in that file's data (after its header page).
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// CRC32C of the bytes (0 if empty).
+    pub crc32c: u32,
+}
+
+impl Blob {
+    /// No bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// One open file descriptor.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdEntry {
@@ -442,8 +743,8 @@ pub enum FdKind {
         size: u64,
         /// Mode bits.
         mode: u32,
-        /// The file was unlinked: its contents are kept here.
-        unlinked_contents: Option<Vec<u8>>,
+        /// The file was unlinked: where its contents are kept.
+        unlinked_contents: Option<Blob>,
     },
     /// A directory.
     Directory {
@@ -463,7 +764,7 @@ pub enum FdKind {
         /// True for the write end.
         write_end: bool,
         /// Data buffered in the pipe at dump time (recorded once per pipe).
-        data: Vec<u8>,
+        data: Blob,
     },
     /// A FIFO end.
     Fifo {
@@ -474,7 +775,7 @@ pub enum FdKind {
         /// True for the write end.
         write_end: bool,
         /// Buffered data.
-        data: Vec<u8>,
+        data: Blob,
     },
     /// An eventfd.
     EventFd {
@@ -492,7 +793,7 @@ pub enum FdKind {
         /// Position.
         pos: u64,
         /// Contents.
-        contents: Vec<u8>,
+        contents: Blob,
         /// F_GET_SEALS.
         seals: u32,
     },
@@ -518,4 +819,66 @@ pub enum FdKind {
         /// SHUT_RD/SHUT_WR state as sock_diag reports it.
         shutdown: u32,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_flags_codes_are_unique_two_letters_and_fit() {
+        assert!(VmFlag::ALL.len() <= 64);
+        for (i, f) in VmFlag::ALL.iter().enumerate() {
+            assert_eq!(*f as usize, i);
+            assert_eq!(f.code().len(), 2);
+            assert_eq!(
+                VmFlag::ALL.iter().filter(|g| g.code() == f.code()).count(),
+                1
+            );
+        }
+        // The bit numbers are part of the image format.
+        assert_eq!(VmFlags::parse("rd").bits(), 1);
+        assert_eq!(VmFlags::parse("gd").bits(), 1 << 8);
+        assert_eq!(VmFlags::parse("dd").bits(), 1 << 24);
+        assert_eq!(VmFlags::parse("mp").bits(), 1 << 40);
+    }
+
+    #[test]
+    fn vm_flags_round_trip_postcard_and_json() {
+        let text = "rd wr mr mw me ac";
+        for f in [
+            VmFlags::default(),
+            VmFlags::parse(text),
+            VmFlags::parse("rd xx mr yy"),
+            VmFlags::from_flags(VmFlag::ALL),
+        ] {
+            let bin = postcard::to_allocvec(&f).unwrap();
+            assert_eq!(postcard::from_bytes::<VmFlags>(&bin).unwrap(), f);
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(serde_json::from_str::<VmFlags>(&json).unwrap(), f);
+        }
+        assert_eq!(
+            serde_json::to_string(&VmFlags::parse("xx rd")).unwrap(),
+            r#"["rd","xx"]"#
+        );
+        // bits varint (4 bytes here) + None: no per-code strings.
+        assert_eq!(
+            postcard::to_allocvec(&VmFlags::parse(text)).unwrap().len(),
+            4
+        );
+        assert_eq!(
+            std::mem::size_of::<VmFlags>(),
+            std::mem::size_of::<Vec<String>>()
+        );
+    }
+
+    #[test]
+    fn vm_flags_decoding_rejects_unnamed_bits_and_bad_unknowns() {
+        let bad = postcard::to_allocvec(&(1u64 << 63, None::<String>)).unwrap();
+        assert!(postcard::from_bytes::<VmFlags>(&bad).is_err());
+        for u in ["", " ", "a  b", "a "] {
+            let bad = postcard::to_allocvec(&(1u64, Some(u))).unwrap();
+            assert!(postcard::from_bytes::<VmFlags>(&bad).is_err(), "{u:?}");
+        }
+    }
 }

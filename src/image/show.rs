@@ -438,6 +438,9 @@ fn render_vma(out: &mut String, v: &Vma) {
         vma_kind(&v.kind),
         v.path.as_deref().unwrap_or("")
     );
+    if !v.vm_flags.is_empty() {
+        line!(out, "      VmFlags: {}", v.vm_flags);
+    }
 }
 
 fn vma_kind(k: &VmaKind) -> &'static str {
@@ -466,7 +469,7 @@ fn fd_kind(k: &FdKind) -> String {
             unlinked_contents,
         } => {
             let unlinked = match unlinked_contents {
-                Some(c) => format!(" (unlinked, {} bytes kept)", c.len()),
+                Some(c) => format!(" (unlinked, {} bytes kept)", c.len),
                 None => String::new(),
             };
             format!("file {path}{unlinked} pos {pos} size {size} mode {mode:o}")
@@ -481,7 +484,7 @@ fn fd_kind(k: &FdKind) -> String {
         } => format!(
             "pipe:[{inode}] {} ({} bytes buffered)",
             end(*write_end),
-            data.len()
+            data.len
         ),
         FdKind::Fifo {
             path,
@@ -491,7 +494,7 @@ fn fd_kind(k: &FdKind) -> String {
         } => format!(
             "fifo {path} inode {inode} {} ({} bytes buffered)",
             end(*write_end),
-            data.len()
+            data.len
         ),
         FdKind::EventFd { count, efd_flags } => {
             format!("eventfd count {count} flags {efd_flags:#x}")
@@ -504,7 +507,7 @@ fn fd_kind(k: &FdKind) -> String {
             seals,
         } => format!(
             "memfd:{name} inode {inode} pos {pos} size {} seals {seals:#x}",
-            contents.len()
+            contents.len
         ),
         FdKind::Shared { file_id } => format!("shared file object #{file_id}"),
         FdKind::UnixSocket {
@@ -652,6 +655,7 @@ mod tests {
             "[stack]",
             "rw-s",
             "2/33",
+            "VmFlags: rd mr mw me",
             "pipe:[4242] write end",
             "(unlinked, 100 bytes kept)",
             "memfd:mem",

@@ -3,9 +3,12 @@
 //! Each fd is classified by its magic link's target and a `stat` through
 //! it, and the state a restore needs is collected without changing the
 //! task: positions come from fdinfo; the contents of unlinked files and
-//! memfds are read with `pread` (a copy made with `pidfd_getfd` shares the
-//! task's file offset, so plain `read` would move it); the data buffered in
-//! a pipe is copied with `tee(2)`, which leaves it in the pipe; unix
+//! memfds are read with `pread` through a description of pdump's own (a
+//! reopen of `/proc/PID/fd/N`: a copy made with `pidfd_getfd` would share
+//! the task's file offset); the data buffered in a pipe is copied with
+//! `tee(2)`, which leaves it in the pipe. Contents and pipe data are not
+//! held in memory: they are streamed into a [`DataSink`] (the dump's
+//! file-data file), which returns where they went ([`Blob`]); unix
 //! sockets are described by sock_diag, and the data queued on them is
 //! peeked without consuming it.
 //!
@@ -23,9 +26,9 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::{
@@ -34,11 +37,14 @@ use super::{
     unix::{socket_kind, SocketFd, UnixInfo},
     PidFd, ProcError, Result,
 };
-use crate::image::model::{FdEntry, FdKind};
+use crate::image::model::{Blob, FdEntry, FdKind};
+use crate::image::DataSink;
 
-/// The largest file whose contents pdump puts into the fd image (unlinked
-/// files, memfds): 256 MiB. Larger ones fail with [`ProcError::FileTooLarge`].
-pub const MAX_INLINE_FILE: u64 = 256 << 20;
+/// The most bytes queued on a unix socket that pdump keeps in the model
+/// (peeked data is held in memory): 256 MiB. More fails with
+/// [`UnixError::QueueTooLarge`](super::unix::UnixError::QueueTooLarge).
+/// File contents and pipe data have no such limit: they are streamed.
+pub const MAX_SOCKET_QUEUE: u64 = 256 << 20;
 
 /// What `/proc/PID/fdinfo/N` says.
 #[derive(Debug, Default)]
@@ -84,13 +90,18 @@ fn fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
     Ok(info)
 }
 
-/// A pidfd of the task, opened the first time one is needed.
-struct Task {
+/// A pidfd of the task, opened the first time one is needed, and where
+/// contents go.
+struct Task<'d> {
     pid: i32,
     pidfd: Option<PidFd>,
+    data: &'d mut dyn DataSink,
+    /// Contents already stored, by (device, inode): a file open on several
+    /// fds of the task is stored once.
+    stored: HashMap<(u64, u64), Blob>,
 }
 
-impl Task {
+impl Task<'_> {
     fn pidfd(&mut self) -> Result<&PidFd> {
         let pid = self.pid;
         let p = match self.pidfd.take() {
@@ -112,7 +123,9 @@ impl Task {
 }
 
 /// Lists the open fds of `pid`, sorted by number, with what a restore
-/// needs of each (see [`FdKind`]).
+/// needs of each (see [`FdKind`]). The contents of unlinked files and
+/// memfds and the data buffered in pipes are stored in `data` (once per
+/// inode), one bounded buffer at a time.
 ///
 /// Data buffered in a pipe or FIFO is recorded once per pipe (per inode)
 /// among this task's fds: on its read end if the task has one, else on the
@@ -131,16 +144,25 @@ impl Task {
 /// cannot restore (other sockets, listening unix sockets, unix sockets with
 /// fds in flight, epoll, signalfd, timerfd, inotify, ttys and other
 /// devices, other anonymous inodes, ...), naming the fd and the kind.
-pub fn fds(pid: i32) -> Result<Vec<FdEntry>> {
-    fds_with(pid, &HashMap::new())
+pub fn fds(pid: i32, data: &mut dyn DataSink) -> Result<Vec<FdEntry>> {
+    fds_with(pid, &HashMap::new(), data)
 }
 
 /// [`fds`], with what sock_diag says about unix sockets taken from `unix`
 /// (from [`unix_sockets`](super::unix_sockets), called once per dump);
 /// sockets missing there are looked up one by one, in their own network
 /// namespace.
-pub fn fds_with(pid: i32, unix: &HashMap<u64, UnixInfo>) -> Result<Vec<FdEntry>> {
-    let mut task = Task { pid, pidfd: None };
+pub fn fds_with(
+    pid: i32,
+    unix: &HashMap<u64, UnixInfo>,
+    data: &mut dyn DataSink,
+) -> Result<Vec<FdEntry>> {
+    let mut task = Task {
+        pid,
+        pidfd: None,
+        data,
+        stored: HashMap::new(),
+    };
     let mut out = Vec::new();
     for fd in read_numeric_dir(pid, &proc_path(pid, "fd"))? {
         out.push(describe(&mut task, fd, unix)?);
@@ -165,9 +187,9 @@ pub fn fds_with(pid: i32, unix: &HashMap<u64, UnixInfo>) -> Result<Vec<FdEntry>>
     for (_, i) in hosts {
         let fd = out[i].fd;
         let write_end = pipe_of(&out[i].kind).is_some_and(|(_, w)| w);
-        let bytes = capture_pipe(&mut task, fd, write_end)?;
+        let blob = capture_pipe(&mut task, fd, write_end)?;
         match &mut out[i].kind {
-            FdKind::Pipe { data, .. } | FdKind::Fifo { data, .. } => *data = bytes,
+            FdKind::Pipe { data, .. } | FdKind::Fifo { data, .. } => *data = blob,
             _ => {}
         }
     }
@@ -175,10 +197,19 @@ pub fn fds_with(pid: i32, unix: &HashMap<u64, UnixInfo>) -> Result<Vec<FdEntry>>
 }
 
 /// The data buffered in the pipe or FIFO behind fd `fd` of `pid`, copied
-/// without consuming it. `write_end`: whether `fd` is a write end (it is
-/// then read through a new read end opened via `/proc/PID/fd/N`).
-pub fn pipe_data(pid: i32, fd: i32, write_end: bool) -> Result<Vec<u8>> {
-    capture_pipe(&mut Task { pid, pidfd: None }, fd, write_end)
+/// into `data` without consuming it. `write_end`: whether `fd` is a write
+/// end (it is then read through a new read end opened via `/proc/PID/fd/N`).
+pub fn pipe_data(pid: i32, fd: i32, write_end: bool, data: &mut dyn DataSink) -> Result<Blob> {
+    capture_pipe(
+        &mut Task {
+            pid,
+            pidfd: None,
+            data,
+            stored: HashMap::new(),
+        },
+        fd,
+        write_end,
+    )
 }
 
 fn pipe_of(kind: &FdKind) -> Option<(u64, bool)> {
@@ -193,7 +224,7 @@ fn pipe_of(kind: &FdKind) -> Option<(u64, bool)> {
     }
 }
 
-fn describe(task: &mut Task, fd: i32, unix: &HashMap<u64, UnixInfo>) -> Result<FdEntry> {
+fn describe(task: &mut Task<'_>, fd: i32, unix: &HashMap<u64, UnixInfo>) -> Result<FdEntry> {
     let pid = task.pid;
     let link_path = proc_path(pid, &format!("fd/{fd}"));
     let link = read_link(pid, &link_path)?;
@@ -219,7 +250,7 @@ fn describe(task: &mut Task, fd: i32, unix: &HashMap<u64, UnixInfo>) -> Result<F
         return Ok(entry(FdKind::Pipe {
             inode,
             write_end,
-            data: Vec::new(),
+            data: Blob::default(),
         }));
     }
     if link == "anon_inode:[eventfd]" {
@@ -295,7 +326,7 @@ fn describe(task: &mut Task, fd: i32, unix: &HashMap<u64, UnixInfo>) -> Result<F
             path: link,
             inode: meta.ino(),
             write_end,
-            data: Vec::new(),
+            data: Blob::default(),
         }));
     }
     if !ft.is_file() {
@@ -310,7 +341,7 @@ fn describe(task: &mut Task, fd: i32, unix: &HashMap<u64, UnixInfo>) -> Result<F
     if meta.nlink() == 0 {
         if let Some(name) = link.strip_prefix("/memfd:") {
             let name = strip_deleted(name).0.to_owned();
-            return memfd(task, fd, &info, &link, &meta, name).map(entry);
+            return memfd(task, fd, &link, &meta, name, info.pos).map(entry);
         }
     }
     let (name, suffix) = strip_deleted(&link);
@@ -321,9 +352,7 @@ fn describe(task: &mut Task, fd: i32, unix: &HashMap<u64, UnixInfo>) -> Result<F
     let unlinked = meta.nlink() == 0 || (suffix && !really_named);
     let path = if unlinked { name } else { link.as_str() }.to_owned();
     let unlinked_contents = if unlinked {
-        check_size(pid, fd, &link, meta.len())?;
-        let f = open_magic(pid, fd, &link_path)?;
-        Some(read_all(pid, fd, &link, &f, meta.len())?)
+        Some(store_contents(task, fd, &link, &meta)?)
     } else {
         None
     };
@@ -337,18 +366,18 @@ fn describe(task: &mut Task, fd: i32, unix: &HashMap<u64, UnixInfo>) -> Result<F
 }
 
 fn memfd(
-    task: &mut Task,
+    task: &mut Task<'_>,
     fd: i32,
-    info: &FdInfo,
     link: &str,
     meta: &std::fs::Metadata,
     name: String,
+    pos: u64,
 ) -> Result<FdKind> {
     let pid = task.pid;
-    check_size(pid, fd, link, meta.len())?;
-    let dup = task.get_fd(fd)?;
+    // A description of our own (also for a write-only fd of the task).
+    let own = open_magic(pid, fd, &proc_path(pid, &format!("fd/{fd}")))?;
     // SAFETY: F_GET_SEALS takes no argument and only reads the file's seals.
-    let seals = unsafe { libc::fcntl(dup.as_raw_fd(), libc::F_GET_SEALS) };
+    let seals = unsafe { libc::fcntl(own.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 {
         return Err(ProcError::GetSeals {
             pid,
@@ -356,33 +385,41 @@ fn memfd(
             source: io::Error::last_os_error(),
         });
     }
-    let contents = if info.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
-        // A write-only copy cannot be read: open the memfd anew for reading.
-        let f = open_magic(pid, fd, &proc_path(pid, &format!("fd/{fd}")))?;
-        read_all(pid, fd, link, &f, meta.len())?
-    } else {
-        read_all(pid, fd, link, &dup, meta.len())?
-    };
+    let contents = store_contents(task, fd, link, meta)?;
     Ok(FdKind::Memfd {
         name,
         inode: meta.ino(),
-        pos: info.pos,
+        pos,
         contents,
         seals: seals as u32,
     })
 }
 
-fn check_size(pid: i32, fd: i32, path: &str, size: u64) -> Result<()> {
-    if size > MAX_INLINE_FILE {
-        return Err(ProcError::FileTooLarge {
+/// Stores the contents of the file behind fd `fd` (once per inode) through
+/// a new read-only description, so neither reading nor looking for holes
+/// moves the task's offset.
+fn store_contents(
+    task: &mut Task<'_>,
+    fd: i32,
+    link: &str,
+    meta: &std::fs::Metadata,
+) -> Result<Blob> {
+    let pid = task.pid;
+    if let Some(b) = task.stored.get(&(meta.dev(), meta.ino())) {
+        return Ok(b.clone());
+    }
+    let f = open_magic(pid, fd, &proc_path(pid, &format!("fd/{fd}")))?;
+    let blob = task
+        .data
+        .store_file(&f)
+        .map_err(|source| ProcError::FdContents {
             pid,
             fd,
-            path: path.to_owned(),
-            size,
-            limit: MAX_INLINE_FILE,
-        });
-    }
-    Ok(())
+            path: link.to_owned(),
+            source,
+        })?;
+    task.stored.insert((meta.dev(), meta.ino()), blob.clone());
+    Ok(blob)
 }
 
 /// Opens the file behind `/proc/PID/fd/N` anew, read-only: a new open file
@@ -400,36 +437,7 @@ fn open_magic(pid: i32, fd: i32, link_path: &Path) -> Result<File> {
         })
 }
 
-/// Reads a file from offset 0 with `pread`, up to `MAX_INLINE_FILE` bytes
-/// (the file may have grown since `size` was taken).
-fn read_all(pid: i32, fd: i32, path: &str, f: &File, size: u64) -> Result<Vec<u8>> {
-    let err = |source| ProcError::FdContents {
-        pid,
-        fd,
-        path: path.to_owned(),
-        source,
-    };
-    let mut buf = Vec::with_capacity(size.min(MAX_INLINE_FILE) as usize);
-    let mut chunk = vec![0u8; 1 << 20];
-    loop {
-        let off = buf.len() as u64;
-        let n = match f.read_at(&mut chunk, off) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(err(e)),
-        };
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() as u64 > MAX_INLINE_FILE {
-            check_size(pid, fd, path, buf.len() as u64)?;
-        }
-    }
-    Ok(buf)
-}
-
-fn capture_pipe(task: &mut Task, fd: i32, write_end: bool) -> Result<Vec<u8>> {
+fn capture_pipe(task: &mut Task<'_>, fd: i32, write_end: bool) -> Result<Blob> {
     let pid = task.pid;
     let src = if write_end {
         // Opening a pipe's magic link for reading gives a new read end of
@@ -438,11 +446,17 @@ fn capture_pipe(task: &mut Task, fd: i32, write_end: bool) -> Result<Vec<u8>> {
     } else {
         task.get_fd(fd)?
     };
-    tee_copy(src.as_raw_fd()).map_err(|source| ProcError::PipeData { pid, fd, source })
+    let err = |source| ProcError::PipeData { pid, fd, source };
+    match tee_copy(src.as_raw_fd()).map_err(err)? {
+        Some(copy) => task.data.store_stream(&mut File::from(copy)).map_err(err),
+        None => Ok(Blob::default()),
+    }
 }
 
-/// Copies everything buffered in the pipe read end `src` with `tee(2)`.
-fn tee_copy(src: i32) -> io::Result<Vec<u8>> {
+/// Copies everything buffered in the pipe read end `src` with `tee(2)`
+/// into a new pipe; its read end (the write end closed), or `None` if
+/// nothing is buffered.
+fn tee_copy(src: i32) -> io::Result<Option<OwnedFd>> {
     let mut avail: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int to the pointer, which is valid.
     if unsafe { libc::ioctl(src, libc::FIONREAD, &mut avail as *mut libc::c_int) } < 0 {
@@ -450,7 +464,7 @@ fn tee_copy(src: i32) -> io::Result<Vec<u8>> {
     }
     let avail = usize::try_from(avail).unwrap_or(0);
     if avail == 0 {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     // SAFETY: F_GETPIPE_SZ takes no argument.
     let cap = unsafe { libc::fcntl(src, libc::F_GETPIPE_SZ) };
@@ -486,14 +500,13 @@ fn tee_copy(src: i32) -> io::Result<Vec<u8>> {
         )));
     }
     drop(ours_w);
-    let mut data = Vec::with_capacity(n);
-    File::from(ours_r).read_to_end(&mut data)?;
-    Ok(data)
+    Ok(Some(ours_r))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::data::MemSink;
     use crate::procfs::testutil::Forked;
     use std::ffi::CString;
     use std::path::PathBuf;
@@ -571,6 +584,8 @@ mod tests {
                 libc::write(m, b"memfd data".as_ptr().cast(), 10);
                 libc::fcntl(m, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK);
                 child_move(m, 13);
+                // A second description of the same memfd, write-only.
+                child_move(libc::open(c"/proc/self/fd/13".as_ptr(), libc::O_WRONLY), 21);
 
                 let e = libc::eventfd(7, libc::EFD_SEMAPHORE | libc::EFD_NONBLOCK);
                 child_move(e, 14);
@@ -623,11 +638,12 @@ mod tests {
             bad
         });
 
-        let fds = fds(child.pid).unwrap();
+        let mut sink = MemSink::default();
+        let fds = fds(child.pid, &mut sink).unwrap();
         let nums: Vec<i32> = fds.iter().map(|e| e.fd).collect();
         assert_eq!(
             nums,
-            vec![0, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+            vec![0, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
         );
         let by = |fd: i32| fds.iter().find(|e| e.fd == fd).unwrap();
         for fd in 0..3 {
@@ -643,13 +659,13 @@ mod tests {
         else {
             panic!("fd 10: {r:?}")
         };
-        assert_eq!(data, b"hello");
+        assert_eq!(sink.bytes(data), b"hello");
         assert_eq!(
             w.kind,
             FdKind::Pipe {
                 inode: *inode,
                 write_end: true,
-                data: vec![]
+                data: Blob::default()
             }
         );
 
@@ -663,7 +679,10 @@ mod tests {
             } => {
                 assert_eq!(path, dir.0.join("gone.bin").to_str().unwrap());
                 assert_eq!((*pos, *size, *mode), (13, 13, 0o640));
-                assert_eq!(unlinked_contents.as_deref(), Some(&b"gone but kept"[..]));
+                assert_eq!(
+                    sink.bytes(unlinked_contents.as_ref().unwrap()),
+                    b"gone but kept"
+                );
             }
             k => panic!("fd 12: {k:?}"),
         }
@@ -677,8 +696,13 @@ mod tests {
             } => {
                 assert_eq!(name, "pdtest");
                 assert_eq!(*pos, 10);
-                assert_eq!(contents, b"memfd data");
+                assert_eq!(sink.bytes(contents), b"memfd data");
                 assert_eq!(*seals, libc::F_SEAL_SHRINK as u32);
+                // The other description of the same memfd: stored once.
+                match &by(21).kind {
+                    FdKind::Memfd { contents: c2, .. } => assert_eq!(c2, contents),
+                    k => panic!("fd 21: {k:?}"),
+                }
             }
             k => panic!("fd 13: {k:?}"),
         }
@@ -724,7 +748,7 @@ mod tests {
             } => {
                 assert_eq!(path, dir.0.join("fifo").to_str().unwrap());
                 assert!(!write_end);
-                assert_eq!(data, b"abc");
+                assert_eq!(sink.bytes(data), b"abc");
             }
             k => panic!("fd 19: {k:?}"),
         }
@@ -733,11 +757,14 @@ mod tests {
                 write_end, data, ..
             } => {
                 assert!(write_end);
-                assert_eq!(data, b"xyz");
+                assert_eq!(sink.bytes(data), b"xyz");
             }
             k => panic!("fd 20: {k:?}"),
         }
-        assert_eq!(pipe_data(child.pid, 10, false).unwrap(), b"hello");
+        // Pipe data once per pipe, each memfd and unlinked file once.
+        assert_eq!(sink.stored.len(), 5);
+        let b = pipe_data(child.pid, 10, false, &mut sink).unwrap();
+        assert_eq!(sink.bytes(&b), b"hello");
 
         child.kill(libc::SIGUSR1);
         assert_eq!(child.wait(), 0, "the child's fds changed while being read");
@@ -779,7 +806,7 @@ mod tests {
                 ready();
                 Forked::park()
             });
-            let err = fds(child.pid).unwrap_err();
+            let err = fds(child.pid, &mut MemSink::default()).unwrap_err();
             let msg = err.to_string();
             match &err {
                 ProcError::UnsupportedFd { pid, fd, kind: k } => {
@@ -794,26 +821,50 @@ mod tests {
     }
 
     #[test]
-    fn large_unlinked_file_is_refused() {
+    fn large_sparse_unlinked_file_is_streamed_sparse() {
         let dir = Scratch::new("large");
         let big = dir.c("big");
+        let size: u64 = 1 << 30;
         let child = Forked::spawn(|ready| {
             child_reset_fds();
-            // SAFETY: a valid path made before fork.
+            // SAFETY: a valid path made before fork; writes from a static buffer.
             unsafe {
                 let f = libc::open(big.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o600);
-                libc::ftruncate(f, (MAX_INLINE_FILE + 1) as libc::off_t);
+                libc::ftruncate(f, size as libc::off_t);
+                libc::pwrite(f, b"middle".as_ptr().cast(), 6, (size / 2) as libc::off_t);
                 libc::unlink(big.as_ptr());
+                libc::lseek(f, 77, libc::SEEK_SET);
                 child_move(f, 5);
             }
+            Forked::block_signal(libc::SIGUSR1);
             ready();
-            Forked::park()
+            Forked::wait_signal(libc::SIGUSR1);
+            // SAFETY: lseek on our own fd.
+            i32::from(unsafe { libc::lseek(5, 0, libc::SEEK_CUR) } != 77)
         });
-        match fds(child.pid) {
-            Err(ProcError::FileTooLarge { fd: 5, size, .. }) => {
-                assert_eq!(size, MAX_INLINE_FILE + 1)
-            }
-            other => panic!("{other:?}"),
-        }
+        let out = Scratch::new("large-out");
+        let mut w = crate::image::DataWriter::new(&out.0, child.pid);
+        let fds = fds(child.pid, &mut w).unwrap();
+        w.finish().unwrap();
+        let e = fds.iter().find(|e| e.fd == 5).unwrap();
+        let FdKind::Regular {
+            unlinked_contents: Some(b),
+            ..
+        } = &e.kind
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((b.offset, b.len), (0, size));
+        let mut want = crate::image::data::crc_append_zeros(0, size / 2);
+        want = crc32c::crc32c_append(want, b"middle");
+        want = crate::image::data::crc_append_zeros(want, size / 2 - 6);
+        assert_eq!(b.crc32c, want);
+        let r = crate::image::DataReader::open(&out.0, &b.file).unwrap();
+        r.verify(b).unwrap();
+        // Sparse in the image too.
+        let meta = std::fs::metadata(r.path()).unwrap();
+        assert!(meta.blocks() * 512 < 8 << 20, "{meta:?}");
+        child.kill(libc::SIGUSR1);
+        assert_eq!(child.wait(), 0, "the task's offset moved");
     }
 }

@@ -202,7 +202,7 @@ fn parse_header_rest(
         inode,
         path,
         kind,
-        vm_flags: Vec::new(),
+        vm_flags: model::VmFlags::default(),
         pages: Vec::new(),
     })
 }
@@ -271,12 +271,7 @@ fn parse_smaps_from(
             let vma = out
                 .last_mut()
                 .ok_or_else(|| parse_err(pid, path, "a mapping line before VmFlags", &line))?;
-            let mut v: Vec<String> = String::from_utf8_lossy(flags)
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect();
-            v.shrink_to_fit();
-            vma.vm_flags = v;
+            vma.vm_flags = model::VmFlags::parse(&String::from_utf8_lossy(flags));
             continue;
         }
         let line = String::from_utf8_lossy(&buf);
@@ -355,12 +350,19 @@ VmFlags: rd wr mr mw me ac sd
 Size:                132 kB
 THPeligible:           0
 VmFlags: rd wr mr mw me gd ac 
+7ffe8724c000-7ffe8724d000 r--p 00000000 00:00 0 
+VmFlags: rd mr zz mw q9 
 ";
         let v = parse_smaps(1, Path::new("smaps"), text).unwrap();
-        assert_eq!(v.len(), 2);
-        assert_eq!(v[0].vm_flags, ["rd", "wr", "mr", "mw", "me", "ac", "sd"]);
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].vm_flags.to_string(), "rd wr mr mw me ac sd");
+        assert_eq!(v[0].vm_flags.unknown(), None);
         assert_eq!(v[1].kind, VmaKind::Stack);
-        assert!(v[1].vm_flags.contains(&"gd".to_owned()));
+        assert!(v[1].vm_flags.contains(model::VmFlag::GrowsDown));
+        assert!(!v[0].vm_flags.contains(model::VmFlag::GrowsDown));
+        // Codes pdump does not know are kept, in order, after the known ones.
+        assert_eq!(v[2].vm_flags.unknown(), Some("zz q9"));
+        assert_eq!(v[2].vm_flags.to_string(), "rd mr mw zz q9");
     }
 
     #[test]

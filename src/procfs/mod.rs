@@ -37,7 +37,7 @@ mod status;
 mod testutil;
 mod unix;
 
-pub use fds::{fds, fds_with, pipe_data, MAX_INLINE_FILE};
+pub use fds::{fds, fds_with, pipe_data, MAX_SOCKET_QUEUE};
 pub use maps::{classify, maps, maps_self, maps_until, smaps, strip_deleted};
 pub use misc::{
     auxv, children, cmdline, comm, coredump_filter, limits, personality, readlink_cwd,
@@ -197,8 +197,9 @@ pub enum ProcError {
         #[source]
         source: io::Error,
     },
-    /// Reading the contents of a file the task has open failed.
-    #[error("reading contents of fd {fd} of pid {pid} ({path})")]
+    /// Storing the contents of a file the task has open failed (reading
+    /// it, or writing the image).
+    #[error("storing the contents of fd {fd} of pid {pid} ({path})")]
     FdContents {
         /// The task.
         pid: i32,
@@ -209,20 +210,6 @@ pub enum ProcError {
         /// The cause.
         #[source]
         source: io::Error,
-    },
-    /// A file whose contents must go into the image is too large for that.
-    #[error("fd {fd} of pid {pid} ({path}): {size} bytes, more than the {limit} bytes pdump keeps inline")]
-    FileTooLarge {
-        /// The task.
-        pid: i32,
-        /// The task's fd.
-        fd: i32,
-        /// The file's path as the task sees it.
-        path: String,
-        /// Its size.
-        size: u64,
-        /// The limit ([`MAX_INLINE_FILE`]).
-        limit: u64,
     },
     /// Copying the data buffered in a pipe or FIFO failed.
     #[error("copying the data buffered in pipe fd {fd} of pid {pid}")]
@@ -280,7 +267,6 @@ impl ProcError {
             | ProcError::FdStat { pid, .. }
             | ProcError::FdOpen { pid, .. }
             | ProcError::FdContents { pid, .. }
-            | ProcError::FileTooLarge { pid, .. }
             | ProcError::PipeData { pid, .. }
             | ProcError::GetSeals { pid, .. }
             | ProcError::UnsupportedFd { pid, .. } => *pid,

@@ -41,7 +41,7 @@ use std::mem::{size_of, size_of_val, zeroed};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::{ProcError, MAX_INLINE_FILE};
+use super::{ProcError, MAX_SOCKET_QUEUE};
 use crate::image::model::FdKind;
 
 /// `SOCK_DIAG_BY_FAMILY`: the netlink message type of sock_diag requests.
@@ -277,7 +277,7 @@ pub enum UnixError {
         pid: i32,
         /// The task's fd.
         fd: i32,
-        /// The limit ([`MAX_INLINE_FILE`]).
+        /// The limit ([`MAX_SOCKET_QUEUE`]).
         limit: u64,
     },
 }
@@ -921,11 +921,11 @@ fn peek_stream(s: &SocketFd<'_>, tname: &str) -> Result<Vec<Vec<u8>>, ProcError>
     if inq == 0 {
         return Ok(Vec::new());
     }
-    if inq as u64 > MAX_INLINE_FILE {
+    if inq as u64 > MAX_SOCKET_QUEUE {
         return Err(UnixError::QueueTooLarge {
             pid: s.pid,
             fd: s.fd,
-            limit: MAX_INLINE_FILE,
+            limit: MAX_SOCKET_QUEUE,
         }
         .into());
     }
@@ -1045,11 +1045,11 @@ fn peek_datagrams(
                 continue;
             }
             bytes += len;
-            if bytes as u64 > MAX_INLINE_FILE {
+            if bytes as u64 > MAX_SOCKET_QUEUE {
                 return Err(UnixError::QueueTooLarge {
                     pid: s.pid,
                     fd: s.fd,
-                    limit: MAX_INLINE_FILE,
+                    limit: MAX_SOCKET_QUEUE,
                 });
             }
             let mut data = vec![0u8; len];
@@ -1086,6 +1086,7 @@ fn peek_datagrams(
 mod tests {
     use super::*;
     use crate::fdshare::family::{Family, Step};
+    use crate::image::data::MemSink;
     use crate::procfs::{fds, fds_with};
 
     fn inode_of(fd: i32) -> u64 {
@@ -1202,7 +1203,7 @@ mod tests {
             }
             bad
         });
-        let entries = fds(fam.parent).unwrap();
+        let entries = fds(fam.parent, &mut MemSink::default()).unwrap();
         let by = |fd: i32| &entries.iter().find(|e| e.fd == fd).unwrap().kind;
         let FdKind::UnixSocket {
             name, sock_type, ..
@@ -1329,7 +1330,7 @@ mod tests {
                 }
                 0
             });
-            let err = fds(fam.parent).unwrap_err();
+            let err = fds(fam.parent, &mut MemSink::default()).unwrap_err();
             let msg = err.to_string();
             let ProcError::UnsupportedFd { pid, fd, kind: k } = &err else {
                 panic!("{err:?}")
@@ -1380,7 +1381,7 @@ mod tests {
             }
             bad
         });
-        match fds(fam.parent) {
+        match fds(fam.parent, &mut MemSink::default()) {
             Err(ProcError::UnsupportedFd { fd: 30, kind, .. }) => {
                 assert!(kind.contains("pending error"), "{kind}")
             }
@@ -1434,7 +1435,7 @@ mod tests {
             }
             bad
         });
-        let entries = fds(fam.parent).unwrap();
+        let entries = fds(fam.parent, &mut MemSink::default()).unwrap();
         let queued = |fd: i32| match &entries.iter().find(|e| e.fd == fd).unwrap().kind {
             FdKind::UnixSocket { queued, .. } => queued.clone(),
             k => panic!("{k:?}"),
@@ -1463,8 +1464,8 @@ mod tests {
             0
         });
         let known = unix_sockets().unwrap();
-        let alone = fds(fam.parent).unwrap();
-        let with = fds_with(fam.parent, &known).unwrap();
+        let alone = fds(fam.parent, &mut MemSink::default()).unwrap();
+        let with = fds_with(fam.parent, &known, &mut MemSink::default()).unwrap();
         assert_eq!(alone, with);
         let e31 = alone.iter().find(|e| e.fd == 31).unwrap();
         let FdKind::UnixSocket { inode, queued, .. } = &e31.kind else {

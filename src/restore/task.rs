@@ -19,7 +19,7 @@ use pdump_parasite::restore::{
 
 use super::plan::PlanTask;
 use super::Controller;
-use crate::image::model::{ProcessImage, Vma, VmaKind};
+use crate::image::model::{ProcessImage, VmFlag, Vma, VmaKind};
 use crate::image::PAGE_SIZE;
 
 const EEXIST: i32 = 17;
@@ -515,18 +515,16 @@ fn is_special(k: &VmaKind) -> bool {
 }
 
 fn madv_bits(v: &Vma) -> u32 {
-    let mut m = 0;
-    for f in &v.vm_flags {
-        m |= match f.as_str() {
-            "dc" => madv::DONTFORK,
-            "wf" => madv::WIPEONFORK,
-            "dd" => madv::DONTDUMP,
-            "hg" => madv::HUGEPAGE,
-            "nh" => madv::NOHUGEPAGE,
-            _ => 0,
-        };
-    }
-    m
+    [
+        (VmFlag::DontCopy, madv::DONTFORK),
+        (VmFlag::WipeOnFork, madv::WIPEONFORK),
+        (VmFlag::DontDump, madv::DONTDUMP),
+        (VmFlag::HugePage, madv::HUGEPAGE),
+        (VmFlag::NoHugePage, madv::NOHUGEPAGE),
+    ]
+    .into_iter()
+    .filter(|&(f, _)| v.vm_flags.contains(f))
+    .fold(0, |m, (_, bit)| m | bit)
 }
 
 fn ns_to_spec(interval_ns: u64, value_ns: u64, frac_div: u64) -> TimerSpec {
@@ -683,10 +681,10 @@ fn prepare(ctl: &Controller, idx: usize, img: &ProcessImage) -> Result<(u64, u64
         } else {
             libc::MAP_PRIVATE
         } as u64;
-        if v.vm_flags.iter().any(|f| f == "gd") {
+        if v.vm_flags.contains(VmFlag::GrowsDown) {
             flags |= libc::MAP_GROWSDOWN as u64;
         }
-        if v.vm_flags.iter().any(|f| f == "nr") {
+        if v.vm_flags.contains(VmFlag::NoReserve) {
             flags |= libc::MAP_NORESERVE as u64;
         }
         let mut fd = -1;
