@@ -911,12 +911,50 @@ fn dump_pages(
     opts: &DumpOptions,
 ) -> Result<(u64, u64)> {
     let pid = seized.pid();
-    let prc = |step| move |source| DumpError::Proc { pid, step, source };
     let img = |source| DumpError::Image { pid, source };
     let path = dir.join(image::pages_file_name(pid));
     let file = image::create_pages_file(dir, pid).map_err(img)?;
-    let mut pagemap = procfs::Pagemap::open(pid).map_err(prc("opening pagemap"))?;
+    let mut plan = page_plan(pid, pid, vmas, |_| true, &path)?;
+    let sopts = stream_options(opts);
+    if crate::pagestream::scan_mode(&sopts) {
+        plan = crate::pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
+    }
+    let streamed = crate::pagestream::stream(pid, parasite, &plan, &file, &path, None, sopts)?;
+    drop(plan);
+    let npages = install_runs(vmas, streamed.runs);
+    image::finish_pages_file(&file, &path, streamed.data_len).map_err(img)?;
+    Ok((streamed.data_len, npages))
+}
+
+/// How pages are streamed with these dump options.
+pub(crate) fn stream_options(opts: &DumpOptions) -> crate::pagestream::StreamOptions {
+    crate::pagestream::StreamOptions {
+        pipe_size: opts.pipe_size.min(pipe_max_size()),
+        threads: opts.page_threads,
+        dumper_scan: opts.dumper_scan,
+    }
+}
+
+/// The plan of process `pid`'s pages as process `from` holds them (the
+/// task itself, or its copy-on-write snapshot): every run of pages to dump
+/// of the mappings `want` selects, in address order ([`Src::Pipe`], or
+/// [`Src::Mem`] for mappings vmsplice cannot take). `path` names the page
+/// file in errors.
+///
+/// [`Src::Pipe`]: crate::pagestream::Src::Pipe
+/// [`Src::Mem`]: crate::pagestream::Src::Mem
+pub(crate) fn page_plan(
+    pid: i32,
+    from: i32,
+    vmas: &[model::Vma],
+    want: impl Fn(&model::Vma) -> bool,
+    path: &Path,
+) -> Result<Vec<crate::pagestream::PlanRun>> {
+    use crate::pagestream::{PlanRun, Src};
+    let prc = |step| move |source| DumpError::Proc { pid, step, source };
+    let mut pagemap = procfs::Pagemap::open(from).map_err(prc("opening pagemap"))?;
     let page = pdump_arch::PAGE_SIZE as u64;
+    let dumped = |v: &model::Vma| want(v) && policy(v) != PagePolicy::None;
 
     // Present pages of every mapping that dumps them all, with one
     // PAGEMAP_SCAN walk over their span (one ioctl per mapping costs about
@@ -924,28 +962,25 @@ fn dump_pages(
     // does not take the span.
     let span = vmas
         .iter()
-        .filter(|v| policy(v) == PagePolicy::Present)
+        .filter(|v| dumped(v) && policy(v) == PagePolicy::Present)
         .fold(None, |acc: Option<(u64, u64)>, v| {
             Some(acc.map_or((v.start, v.end), |(a, b)| (a.min(v.start), b.max(v.end))))
         });
     let all = span.and_then(|(lo, hi)| pagemap.present_ranges_ioctl(lo, hi).ok());
     let mut next_run = 0usize;
 
-    // The plan: every run of pages to dump, in address order.
     let mut plan = Vec::new();
-    for (i, v) in vmas.iter_mut().enumerate() {
-        v.pages.clear();
-        let pol = policy(v);
-        if pol == PagePolicy::None {
+    for (i, v) in vmas.iter().enumerate() {
+        if !dumped(v) {
             continue;
         }
-        let runs = match (pol, &all) {
+        let runs = match (policy(v), &all) {
             (PagePolicy::AnonOnly, _) => {
-                anon_ranges(pid, v.start, v.end).map_err(|source| DumpError::Pages {
+                anon_ranges(from, v.start, v.end).map_err(|source| DumpError::Pages {
                     pid,
                     start: v.start,
                     end: v.end,
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     source,
                 })?
             }
@@ -956,43 +991,35 @@ fn dump_pages(
         };
         // PROT_NONE etc.: vmsplice cannot pin these; they are read through
         // /proc/PID/mem (which may) in their place in the stream.
-        let via_mem = v.prot & 1 == 0;
-        plan.extend(
-            runs.into_iter()
-                .map(|(addr, n)| crate::pagestream::PlanRun {
-                    vma: i,
-                    addr,
-                    len: n * page,
-                    via_mem,
-                }),
-        );
+        let src = if v.prot & 1 == 0 { Src::Mem } else { Src::Pipe };
+        plan.extend(runs.into_iter().map(|(addr, n)| PlanRun {
+            vma: i,
+            addr,
+            len: n * page,
+            src,
+        }));
     }
-    let sopts = crate::pagestream::StreamOptions {
-        pipe_size: opts.pipe_size.min(pipe_max_size()),
-        threads: opts.page_threads,
-        dumper_scan: opts.dumper_scan,
-    };
-    if crate::pagestream::scan_mode(&sopts) {
-        plan = crate::pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
-    }
-    let streamed = crate::pagestream::stream(pid, parasite, &plan, &file, &path, sopts)?;
-    drop(plan);
+    Ok(plan)
+}
+
+/// Put streamed runs (VMA index, run; address order) into their VMAs, whose
+/// run lists are replaced; the number of pages.
+pub(crate) fn install_runs(vmas: &mut [model::Vma], runs: Vec<(usize, model::PageRun)>) -> u64 {
     // Exact capacities: with tens of thousands of mappings of a run or two
     // each, `push`'s first allocation (4 runs) would cost 160 bytes apiece.
     let mut per_vma = vec![0usize; vmas.len()];
-    for (i, _) in &streamed.runs {
+    for (i, _) in &runs {
         per_vma[*i] += 1;
     }
     for (v, n) in vmas.iter_mut().zip(per_vma) {
-        v.pages.reserve_exact(n);
+        v.pages = Vec::with_capacity(n);
     }
     let mut npages = 0;
-    for (i, r) in streamed.runs {
+    for (i, r) in runs {
         npages += r.npages;
         vmas[i].pages.push(r);
     }
-    image::finish_pages_file(&file, &path, streamed.data_len).map_err(img)?;
-    Ok((streamed.data_len, npages))
+    npages
 }
 
 /// The parts of `runs` (sorted `(address, pages)`) inside `[start, end)`;
