@@ -195,9 +195,6 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Page pipe size (bytes; capped by /proc/sys/fs/pipe-max-size).
     pub pipe_size: usize,
-    /// Largest batch of pages per parasite command in the copy-on-write
-    /// snapshot path (bytes).
-    pub batch_bytes: u64,
     /// Threads that move a big process's pages (0: automatic, the CPUs not
     /// busy with other processes; small processes use their tracer thread).
     pub page_threads: usize,
@@ -223,7 +220,6 @@ impl Default for DumpOptions {
             dir: PathBuf::from("."),
             leave_running: true,
             pipe_size: 1 << 20,
-            batch_bytes: 64 << 20,
             page_threads: 0,
             dumper_scan: std::env::var_os("PDUMP_DUMPER_SCAN").is_some_and(|v| v == "1"),
             container: None,
@@ -788,10 +784,18 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     };
     thread_altstacks(seized, &mut parasite, &snapshots, &mut proc_img)?;
 
+    // Memory the kernel writes while the parasite (or the snapshot) runs:
+    // rseq areas.
+    let volatile: Vec<(u64, u64)> = proc_img
+        .threads
+        .iter()
+        .filter_map(|t| t.rseq.as_ref())
+        .map(|r| (r.abi_pointer, u64::from(r.abi_size)))
+        .collect();
     // Pages: now, or from a copy-on-write snapshot once the tree runs again.
     if opts.leave_running && opts.cow {
         let max_fd = proc_img.fds.iter().map(|f| f.fd).max().unwrap_or(0);
-        let pending = crate::cow::capture(seized, &mut parasite, &vmas, max_fd, opts)?;
+        let pending = crate::cow::capture(seized, &mut parasite, &vmas, volatile, max_fd, opts)?;
         proc_img.vmas = vmas;
         parasite.cure().map_err(inf("curing"))?;
         return Ok(ProcessDump {
@@ -800,13 +804,6 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
             cow: Some(pending),
         });
     }
-    // Memory the kernel writes while the parasite runs: rseq areas.
-    let volatile: Vec<(u64, u64)> = proc_img
-        .threads
-        .iter()
-        .filter_map(|t| t.rseq.as_ref())
-        .map(|r| (r.abi_pointer, u64::from(r.abi_size)))
-        .collect();
     let (runs_bytes, _pages) =
         dump_pages(seized, &mut parasite, &mut vmas, &volatile, &opts.dir, opts)?;
     proc_img.vmas = vmas;
@@ -1078,123 +1075,4 @@ pub(crate) fn pipe_max_size() -> usize {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1 << 20)
-}
-
-pub(crate) fn copy_unreadable(
-    pid: i32,
-    addr: u64,
-    len: u64,
-    file: &std::fs::File,
-    at: u64,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let mut buf = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        mem.read_exact_at(&mut buf[..n], addr + done)?;
-        file.write_all_at(&buf[..n], at + done)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
-/// Move `len` bytes from a pipe into `file` at `off` with splice, while the
-/// parasite fills the pipe. Stops early (returning the bytes moved) if the
-/// parasite's command finished and the pipe is empty, so a failed vmsplice
-/// can never hang the dumper.
-pub(crate) fn splice_exact(
-    pipe: i32,
-    file: i32,
-    mut off: u64,
-    len: u64,
-    mut done: impl FnMut() -> bool,
-) -> std::io::Result<u64> {
-    let mut left = len;
-    while left > 0 {
-        let mut o = off as libc::loff_t;
-        // SAFETY: splice between two fds we own; `o` is a valid loff_t.
-        let n = unsafe {
-            libc::splice(
-                pipe,
-                std::ptr::null_mut(),
-                file,
-                &mut o,
-                left as usize,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => {
-                    if done() {
-                        // The command ended; drain what is left, then stop.
-                        let mut pfd = libc::pollfd {
-                            fd: pipe,
-                            events: libc::POLLIN,
-                            revents: 0,
-                        };
-                        // SAFETY: one pollfd we own.
-                        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
-                            return Ok(len - left);
-                        }
-                        continue;
-                    }
-                    let mut pfd = libc::pollfd {
-                        fd: pipe,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one pollfd we own; 50 ms timeout.
-                    unsafe { libc::poll(&mut pfd, 1, 50) };
-                    continue;
-                }
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "page pipe closed",
-            ));
-        }
-        left -= n as u64;
-        off += n as u64;
-        crate::fault::point(); // mid-batch: the parasite is inside vmsplice
-    }
-    Ok(len)
-}
-
-/// Compute every run's CRC32C from the written pages file.
-pub(crate) fn checksum_runs(
-    dir: &Path,
-    img: &mut model::ProcessImage,
-) -> std::result::Result<(), image::ImageError> {
-    if img.pages_bytes == 0 {
-        return Ok(());
-    }
-    let path = dir.join(&img.pages_file);
-    let f = std::fs::File::open(&path).map_err(|source| image::ImageError::Io {
-        op: "open",
-        path: path.clone(),
-        source,
-    })?;
-    // SAFETY: a private read-only mapping of a file only this dump writes.
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| image::ImageError::Io {
-        op: "mmap",
-        path: path.clone(),
-        source,
-    })?;
-    let page = pdump_arch::PAGE_SIZE as u64;
-    for v in img.vmas.iter_mut() {
-        for r in v.pages.iter_mut() {
-            let s = (4096 + r.offset) as usize;
-            let e = s + (r.npages * page) as usize;
-            r.crc32c = crc32c::crc32c(&map[s..e]);
-        }
-    }
-    Ok(())
 }

@@ -147,7 +147,7 @@ pub enum InfectError {
 
 type Result<T> = std::result::Result<T, InfectError>;
 
-fn errno_of(r: i64) -> nix::Error {
+pub(crate) fn errno_of(r: i64) -> nix::Error {
     nix::Error::from_raw((-r) as i32)
 }
 
@@ -688,9 +688,9 @@ impl<'a> Parasite<'a> {
 
     /// Fork a copy-on-write snapshot of the task (`cmd::FORK`): a child
     /// process holding the task's memory as it is now, serving page commands
-    /// on its own control block. Call after [`Parasite::page_pipes`] (the
-    /// snapshot writes into the same pipes) and before the cure. `max_fd`
-    /// is the highest fd of the task (the child closes every inherited fd).
+    /// on its own control block (it makes its own page pipes when drained).
+    /// Call before the cure. `max_fd` is the highest fd of the task (the
+    /// child closes every inherited fd).
     ///
     /// On error nothing is left: a child that was created is killed and
     /// reaped through the blob.
@@ -854,18 +854,6 @@ impl<'a> Parasite<'a> {
             g.release();
         }
         Ok(())
-    }
-}
-
-impl crate::cow::Splice for Parasite<'_> {
-    fn post_vmsplice(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32> {
-        Parasite::post_vmsplice(self, pipe, iovs)
-    }
-    fn poll_done(&self, seq: u32) -> bool {
-        Parasite::poll_done(self, seq)
-    }
-    fn wait_done(&self, seq: u32, command: u32) -> Result<i64> {
-        Parasite::wait_done(self, seq, command)
     }
 }
 
