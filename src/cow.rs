@@ -3,22 +3,25 @@
 //! `--leave-running`).
 //!
 //! ```text
-//!  frozen:  infect ─ MISC, altstacks ─ page pipe ─ FORK: the blob forks the
-//!           task (exit signal 0) onto its own stack and control block; the
-//!           child drops every inherited fd, leaves the session, then the
-//!           blob answers ─ pages of MAP_SHARED, MADV_DONTFORK and
-//!           MADV_WIPEONFORK areas (which the child does not hold as they
-//!           were) from the task into a spill file ─ cure
-//!  running: (the whole tree is released) ─ the snapshot vmsplices the other
-//!           pages into the page pipe, the dumper splices them into
-//!           pages-PID.img in address order, copying the spilled runs in
-//!           between ─ CRCs ─ the snapshot exits on end of file ─ the dumper
-//!           briefly seizes the task again to reap it (wait4 __WCLONE)
+//!  frozen:  infect ─ MISC, altstacks ─ FORK: the blob forks the task (exit
+//!           signal 0) onto its own stack and control block; the child drops
+//!           every inherited fd, leaves the session, then the blob answers ─
+//!           pages of MAP_SHARED, MADV_DONTFORK and MADV_WIPEONFORK areas
+//!           (which the child does not hold as they were) streamed from the
+//!           task into a spill file (crate::pagestream: zero runs, CRCs) ─
+//!           cure
+//!  running: (the whole tree is released) ─ the snapshot makes its page
+//!           pipes (PIPES) and is streamed like a frozen task
+//!           (crate::pagestream: several pipes and drainer threads, zero
+//!           runs, CRC32C inline), the spilled runs read back from the spill
+//!           file in their place ─ the snapshot exits on end of file ─ the
+//!           dumper briefly seizes the task again to reap it (wait4 __WCLONE)
 //! ```
 //!
-//! The image is the same as without a snapshot: runs in address order at the
-//! same offsets. Why a single `clone` with exit signal 0, and what is visible
-//! to the task, is in `docs/architecture.md` ("Copy-on-write snapshot").
+//! The image is the same as without a snapshot: runs in address order, zero
+//! runs for zero pages. Why a single `clone` with exit signal 0, and what is
+//! visible to the task, is in `docs/architecture.md` ("Copy-on-write
+//! snapshot").
 
 use std::fs::File;
 use std::io::Write;
@@ -31,9 +34,10 @@ use memmap2::MmapMut;
 use pdump_arch::native::syscall::nr;
 use pdump_parasite::{cmd, Control, Layout};
 
-use crate::dump::{DumpError, DumpOptions, PagePolicy};
+use crate::dump::{DumpError, DumpOptions};
 use crate::image::{self, model};
 use crate::infect::{InfectError, Parasite};
+use crate::pagestream::{self, PageSource};
 use crate::procfs;
 use crate::ptrace::{PtraceError, Seized};
 use crate::remote::{RemoteError, RemoteThread, Stub, ThreadSnapshot};
@@ -88,17 +92,6 @@ pub enum SnapshotError {
         /// The raw result.
         ret: i64,
     },
-}
-
-/// Something that vmsplices pages into a page pipe on command: the parasite
-/// (frozen task) or the snapshot.
-pub trait Splice {
-    /// Start vmsplicing `iovs` into page pipe `pipe`; the command's sequence number.
-    fn post_vmsplice(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32, InfectError>;
-    /// Whether command `seq` finished.
-    fn poll_done(&self, seq: u32) -> bool;
-    /// Wait for command `seq`; its raw result.
-    fn wait_done(&self, seq: u32, command: u32) -> Result<i64, InfectError>;
 }
 
 /// The copy-on-write snapshot of one task: a child of the task (exit signal
@@ -238,6 +231,8 @@ impl Snapshot {
         unsafe { &*(self.local.as_ptr().add(self.layout.snap_ctl_off) as *const Control) }
     }
 
+    /// The data buffer its commands use (the parasite's: idle once the
+    /// task is cured).
     fn data_mut(&mut self) -> &mut [u8] {
         let off = self.layout.data_off;
         &mut self.local[off..off + pdump_parasite::DATA_BYTES]
@@ -276,7 +271,51 @@ impl Snapshot {
     /// Send a command and wait for its result.
     pub fn command(&mut self, command: u32, args: &[u64]) -> Result<i64, InfectError> {
         let seq = self.post(command, args)?;
-        Splice::wait_done(self, seq, command)
+        self.wait_done(seq, command)
+    }
+
+    /// Wait for command `seq` to finish; its raw result.
+    pub fn wait_done(&self, seq: u32, command: u32) -> Result<i64, InfectError> {
+        let start = Instant::now();
+        loop {
+            let done = self.ctl().done_seq.load(Acquire);
+            if done == seq {
+                return Ok(self.ctl().ret.load(Acquire) as i64);
+            }
+            if exited(&self.pidfd, 0) {
+                return Err(self.gone("exited"));
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                return Err(InfectError::Timeout {
+                    pid: self.pid,
+                    cmd: command,
+                    secs: 120,
+                });
+            }
+            futex_wait(&self.ctl().done_seq, done, 50);
+        }
+    }
+
+    /// Create `n` page pipes of `size` bytes in the snapshot (its own fd
+    /// table) and take their read ends.
+    pub fn page_pipes(&mut self, n: usize, size: usize) -> Result<Vec<File>, InfectError> {
+        let pid = self.pid;
+        let r = self.command(cmd::PIPES, &[n as u64, size as u64])?;
+        if r < 0 {
+            return Err(InfectError::Command {
+                pid,
+                what: "PIPES",
+                source: crate::infect::errno_of(r),
+            });
+        }
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let fd = self.ctl().pipe_fds[i][0].load(SeqCst);
+            let f = crate::infect::pidfd_getfd(&self.pidfd, fd)
+                .map_err(|source| InfectError::GetFd { pid, fd, source })?;
+            out.push(File::from(f));
+        }
+        Ok(out)
     }
 
     /// End the snapshot (end of file on its command pipe: it exits), wait
@@ -317,42 +356,36 @@ impl Snapshot {
     }
 }
 
-impl Splice for Snapshot {
-    fn post_vmsplice(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32, InfectError> {
-        assert!(iovs.len() <= pdump_parasite::MAX_IOVS);
-        {
-            let d = self.data_mut();
-            for (i, (a, l)) in iovs.iter().enumerate() {
-                d[i * 16..i * 16 + 8].copy_from_slice(&a.to_le_bytes());
-                d[i * 16 + 8..i * 16 + 16].copy_from_slice(&l.to_le_bytes());
-            }
-        }
-        self.post(cmd::VMSPLICE, &[pipe as u64, iovs.len() as u64])
+impl PageSource for Snapshot {
+    fn mem_pid(&self) -> i32 {
+        self.pid
     }
 
-    fn poll_done(&self, seq: u32) -> bool {
-        self.ctl().done_seq.load(Acquire) == seq
+    fn page_pipes(&mut self, n: usize, size: usize) -> Result<Vec<File>, InfectError> {
+        Snapshot::page_pipes(self, n, size)
+    }
+
+    fn post_vmsplice(
+        &mut self,
+        pipe: usize,
+        iovs: &[(u64, u64)],
+        scan: bool,
+    ) -> Result<u32, InfectError> {
+        crate::infect::write_iovs(self.data_mut(), iovs);
+        let command = if scan {
+            cmd::VMSPLICE_SCAN
+        } else {
+            cmd::VMSPLICE
+        };
+        self.post(command, &[pipe as u64, iovs.len() as u64])
     }
 
     fn wait_done(&self, seq: u32, command: u32) -> Result<i64, InfectError> {
-        let start = Instant::now();
-        loop {
-            let done = self.ctl().done_seq.load(Acquire);
-            if done == seq {
-                return Ok(self.ctl().ret.load(Acquire) as i64);
-            }
-            if exited(&self.pidfd, 0) {
-                return Err(self.gone("exited"));
-            }
-            if start.elapsed() > Duration::from_secs(120) {
-                return Err(InfectError::Timeout {
-                    pid: self.pid,
-                    cmd: command,
-                    secs: 120,
-                });
-            }
-            futex_wait(&self.ctl().done_seq, done, 50);
-        }
+        Snapshot::wait_done(self, seq, command)
+    }
+
+    fn scan_runs(&mut self, niov: usize) -> Vec<pdump_parasite::ScanRun> {
+        crate::infect::read_scan_runs(self.data_mut(), niov)
     }
 }
 
@@ -418,23 +451,19 @@ pub fn fork_unsafe(v: &model::Vma) -> bool {
             .contains_any(&[model::VmFlag::DontCopy, model::VmFlag::WipeOnFork])
 }
 
-/// Runs of one mapping taken while the task was frozen, in the spill file.
-#[derive(Debug)]
-struct Spilled {
-    vma_start: u64,
-    /// (address, pages, offset in the spill file)
-    runs: Vec<(u64, u64, u64)>,
-}
-
 /// What the frozen phase leaves for the drain.
 #[derive(Debug)]
 pub struct Pending {
     pid: i32,
     snapshot: Snapshot,
-    pipe: File,
     spill_path: PathBuf,
-    spill: File,
-    spilled: Vec<Spilled>,
+    /// The spill file, if anything was spilled.
+    spill: Option<File>,
+    /// The spilled runs (VMA index, run at its data offset in the spill
+    /// file), in address order.
+    spilled: Vec<(usize, model::PageRun)>,
+    /// rseq areas of the task's threads (see [`pagestream::guard_plan`]).
+    volatile: Vec<(u64, u64)>,
 }
 
 impl Pending {
@@ -454,142 +483,21 @@ impl Pending {
     }
 }
 
-/// Batches of pages moved by a [`Splice`] source through the page pipe into
-/// a file at explicit offsets.
-struct Writer<'a> {
-    pid: i32,
-    pipe: &'a File,
-    file: &'a File,
-    path: &'a Path,
-    /// File position of data offset 0.
-    base: u64,
-    /// Data offset of the next byte.
-    offset: u64,
-    batch: Vec<(u64, u64)>,
-    batch_bytes: u64,
-    batch_limit: u64,
-}
-
-impl Writer<'_> {
-    fn push(&mut self, src: &mut dyn Splice, addr: u64, len: u64) -> Result<(), DumpError> {
-        self.batch.push((addr, len));
-        self.batch_bytes += len;
-        if self.batch.len() >= pdump_parasite::MAX_IOVS || self.batch_bytes >= self.batch_limit {
-            self.flush(src)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, src: &mut dyn Splice) -> Result<(), DumpError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let pid = self.pid;
-        let inf = |source| DumpError::Infect {
-            pid,
-            step: "vmsplice",
-            source,
-        };
-        let (start, end) = (
-            self.batch[0].0,
-            self.batch.last().map(|b| b.0 + b.1).unwrap_or(0),
-        );
-        let seq = src.post_vmsplice(0, &self.batch).map_err(inf)?;
-        let want = self.batch_bytes;
-        let moved = crate::dump::splice_exact(
-            self.pipe.as_raw_fd(),
-            self.file.as_raw_fd(),
-            self.base + self.offset,
-            want,
-            || src.poll_done(seq),
-        )
-        .map_err(|source| DumpError::Pages {
-            pid,
-            start,
-            end,
-            path: self.path.to_path_buf(),
-            source,
-        })?;
-        let got = src.wait_done(seq, cmd::VMSPLICE).map_err(inf)?;
-        if got != want as i64 || moved != want {
-            return Err(DumpError::ShortSplice { pid, got, want });
-        }
-        self.offset += want;
-        self.batch.clear();
-        self.batch_bytes = 0;
-        Ok(())
-    }
-
-    /// Write the pages of `v` (policy `pol`) as found in process `from`,
-    /// through `src`; the runs with their data offsets.
-    fn vma(
-        &mut self,
-        src: &mut dyn Splice,
-        from: i32,
-        pagemap: &mut procfs::Pagemap,
-        v: &model::Vma,
-        pol: PagePolicy,
-    ) -> Result<Vec<(u64, u64, u64)>, DumpError> {
-        let pid = self.pid;
-        let page = pdump_arch::PAGE_SIZE as u64;
-        let pages_err = |start, end, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| DumpError::Pages {
-                pid,
-                start,
-                end,
-                path,
-                source,
-            }
-        };
-        let runs = match pol {
-            PagePolicy::AnonOnly => crate::dump::anon_ranges(from, v.start, v.end)
-                .map_err(pages_err(v.start, v.end, self.path))?,
-            _ => pagemap
-                .present_ranges(v.start, v.end)
-                .map_err(|source| DumpError::Proc {
-                    pid,
-                    step: "scanning pagemap",
-                    source,
-                })?,
-        };
-        let readable = v.prot & 1 != 0;
-        let mut out = Vec::with_capacity(runs.len());
-        for (addr, n) in runs {
-            let len = n * page;
-            out.push((addr, n, self.offset + self.batch_bytes));
-            if readable {
-                self.push(src, addr, len)?;
-            } else {
-                // PROT_NONE: vmsplice cannot pin these; /proc/PID/mem can.
-                self.flush(src)?;
-                crate::dump::copy_unreadable(from, addr, len, self.file, self.base + self.offset)
-                    .map_err(pages_err(addr, addr + len, self.path))?;
-                self.offset += len;
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// Frozen phase, after MISC and before the cure: fork the snapshot and copy
-/// the mappings it does not hold as they are (see [`fork_unsafe`]) from the
-/// task into a spill file in the image directory. On error the snapshot is
-/// killed and reaped through the blob: nothing is left.
+/// Frozen phase, after MISC and before the cure: fork the snapshot and
+/// stream the mappings it does not hold as they are (see [`fork_unsafe`])
+/// from the task into a spill file in the image directory. `volatile`: the
+/// threads' rseq areas. On error the snapshot is killed and reaped through
+/// the blob: nothing is left.
 pub fn capture(
     seized: &Seized,
     parasite: &mut Parasite<'_>,
     vmas: &[model::Vma],
+    volatile: Vec<(u64, u64)>,
     max_fd: i32,
     opts: &DumpOptions,
 ) -> Result<Pending, DumpError> {
     let pid = seized.pid();
     let inf = |step| move |source| DumpError::Infect { pid, step, source };
-    let pipe_size = opts.pipe_size.min(crate::dump::pipe_max_size());
-    let mut pipes = parasite
-        .page_pipes(1, pipe_size)
-        .map_err(inf("creating page pipes"))?;
-    let pipe = pipes.remove(0);
     let t0 = Instant::now();
     let snapshot = parasite
         .fork_snapshot(max_fd)
@@ -597,7 +505,7 @@ pub fn capture(
     let forked = t0.elapsed();
     let ns_pid = snapshot.ns_pid();
     let spill_path = opts.dir.join(format!(".spill-{pid}"));
-    let r = spill(parasite, pid, &pipe, vmas, &spill_path, opts);
+    let r = spill(parasite, pid, vmas, &volatile, &spill_path, opts);
     log::debug!(
         "pid {pid}: snapshot {} forked in {:.2} ms, spilled in {:.2} ms",
         snapshot.pid(),
@@ -605,14 +513,20 @@ pub fn capture(
         (t0.elapsed() - forked).as_secs_f64() * 1e3
     );
     match r {
-        Ok((spill, spilled)) => Ok(Pending {
-            pid,
-            snapshot,
-            pipe,
-            spill_path,
-            spill,
-            spilled,
-        }),
+        Ok(sp) => {
+            let (spill, spilled) = match sp {
+                Some((f, runs)) => (Some(f), runs),
+                None => (None, Vec::new()),
+            };
+            Ok(Pending {
+                pid,
+                snapshot,
+                spill_path,
+                spill,
+                spilled,
+                volatile,
+            })
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&spill_path);
             drop(snapshot);
@@ -622,14 +536,28 @@ pub fn capture(
     }
 }
 
+/// The spill file and its runs (VMA index, run at its offset there).
+type Spill = (File, Vec<(usize, model::PageRun)>);
+
+/// Stream the pages of the fork-unsafe mappings from the frozen task into
+/// the spill file at `path` (laid out like a page file: data from
+/// `PAGES_DATA_OFFSET`). None when there is nothing to spill (no file).
 fn spill(
     parasite: &mut Parasite<'_>,
     pid: i32,
-    pipe: &File,
     vmas: &[model::Vma],
+    volatile: &[(u64, u64)],
     path: &Path,
     opts: &DumpOptions,
-) -> Result<(File, Vec<Spilled>), DumpError> {
+) -> Result<Option<Spill>, DumpError> {
+    let mut plan = crate::dump::page_plan(pid, pid, vmas, fork_unsafe, path)?;
+    if plan.is_empty() {
+        return Ok(None);
+    }
+    let sopts = crate::dump::stream_options(opts);
+    if pagestream::scan_mode(&sopts) {
+        plan = pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -643,99 +571,31 @@ fn spill(
             path: path.to_path_buf(),
             source,
         })?;
-    let mut spilled = Vec::new();
-    let mut pagemap = procfs::Pagemap::open(pid).map_err(|source| DumpError::Proc {
-        pid,
-        step: "opening pagemap",
-        source,
-    })?;
-    let mut w = Writer {
-        pid,
-        pipe,
-        file: &file,
-        path,
-        base: 0,
-        offset: 0,
-        batch: Vec::new(),
-        batch_bytes: 0,
-        batch_limit: opts.batch_bytes,
-    };
-    for v in vmas.iter().filter(|v| fork_unsafe(v)) {
-        let pol = crate::dump::policy(v);
-        if pol == PagePolicy::None {
-            continue;
-        }
-        let runs = w.vma(parasite, pid, &mut pagemap, v, pol)?;
-        spilled.push(Spilled {
-            vma_start: v.start,
-            runs,
-        });
-    }
-    w.flush(parasite)?;
-    Ok((file, spilled))
-}
-
-/// Copy `len` bytes from `from` at `src_off` to `to` at `dst_off`
-/// (copy_file_range, or pread/pwrite where the file system refuses it).
-fn copy_range(from: &File, src_off: u64, to: &File, dst_off: u64, len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let (mut s, mut d, mut left) = (src_off as i64, dst_off as i64, len);
-    while left > 0 {
-        // SAFETY: two fds we own, offsets in locals we own.
-        let n = unsafe {
-            libc::copy_file_range(
-                from.as_raw_fd(),
-                &mut s,
-                to.as_raw_fd(),
-                &mut d,
-                left as usize,
-                0,
-            )
-        };
-        if n > 0 {
-            left -= n as u64;
-            continue;
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "spill file ends early",
-            ));
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EXDEV)
-            | Some(libc::ENOSYS)
-            | Some(libc::EINVAL)
-            | Some(libc::EOPNOTSUPP) => {
-                let mut buf = vec![0u8; left.min(1 << 20) as usize];
-                while left > 0 {
-                    let k = left.min(buf.len() as u64) as usize;
-                    from.read_exact_at(&mut buf[..k], s as u64)?;
-                    to.write_all_at(&buf[..k], d as u64)?;
-                    s += k as i64;
-                    d += k as i64;
-                    left -= k as u64;
-                }
-            }
-            _ => return Err(e),
-        }
-    }
-    Ok(())
+    let streamed = pagestream::stream(pid, parasite, &plan, &file, path, None, sopts)?;
+    Ok(Some((file, streamed.runs)))
 }
 
 /// Running phase: write `img`'s pages file from the snapshot (and the spill
-/// file), in address order, compute the run CRCs, end and reap the snapshot.
+/// file), in address order with zero runs and CRCs, end and reap the
+/// snapshot.
 pub fn drain(
     p: Pending,
     img: &mut model::ProcessImage,
     dir: &Path,
     opts: &DumpOptions,
 ) -> Result<(), DumpError> {
+    // Counted as a process being dumped: drains running side by side share
+    // the CPUs' drainer threads.
+    let _active = pagestream::ActiveGuard::new();
     let pid = p.pid;
     let mut p = p;
+    let t0 = Instant::now();
     let r = drain_pages(&mut p, img, dir, opts);
+    log::debug!(
+        "pid {pid}: snapshot {} drained in {:.2} ms",
+        p.snapshot.pid(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     let _ = std::fs::remove_file(&p.spill_path);
     let Pending { snapshot, .. } = p;
     let ended = snapshot.finish().map_err(|source| DumpError::Snapshot {
@@ -744,8 +604,7 @@ pub fn drain(
         source,
     });
     r?;
-    ended?;
-    crate::dump::checksum_runs(dir, img).map_err(|source| DumpError::Image { pid, source })
+    ended
 }
 
 fn drain_pages(
@@ -754,80 +613,31 @@ fn drain_pages(
     dir: &Path,
     opts: &DumpOptions,
 ) -> Result<(), DumpError> {
-    let Pending {
-        pid,
-        snapshot: src,
-        pipe,
-        spill,
-        spilled,
-        ..
-    } = p;
-    let pid = *pid;
-    let from = src.pid();
+    let pid = p.pid;
+    let from = p.snapshot.pid();
     let path = dir.join(image::pages_file_name(pid));
     let file =
         image::create_pages_file(dir, pid).map_err(|source| DumpError::Image { pid, source })?;
-    let mut pagemap = procfs::Pagemap::open(from).map_err(|source| DumpError::Proc {
-        pid,
-        step: "opening the snapshot's pagemap",
-        source,
-    })?;
-    let mut w = Writer {
-        pid,
-        pipe,
-        file: &file,
-        path: &path,
-        base: 4096, // the page file header
-        offset: 0,
-        batch: Vec::new(),
-        batch_bytes: 0,
-        batch_limit: opts.batch_bytes,
-    };
-    let page = pdump_arch::PAGE_SIZE as u64;
-    for v in img.vmas.iter_mut() {
-        v.pages.clear();
-        let pol = crate::dump::policy(v);
-        if pol == PagePolicy::None {
-            continue;
-        }
-        let runs = if fork_unsafe(v) {
-            let Some(sp) = spilled.iter().find(|s| s.vma_start == v.start) else {
-                continue;
-            };
-            w.flush(src)?;
-            let mut out = Vec::with_capacity(sp.runs.len());
-            for &(addr, n, soff) in &sp.runs {
-                let len = n * page;
-                copy_range(spill, soff, &file, w.base + w.offset, len).map_err(|source| {
-                    DumpError::Pages {
-                        pid,
-                        start: addr,
-                        end: addr + len,
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                out.push((addr, n, w.offset));
-                w.offset += len;
-            }
-            out
-        } else {
-            w.vma(src, from, &mut pagemap, v, pol)?
-        };
-        v.pages = runs
-            .into_iter()
-            .map(|(addr, npages, offset)| model::PageRun {
-                addr,
-                npages,
-                offset,
-                crc32c: 0,
-                zero: false,
-            })
-            .collect();
+    // The snapshot's own pages, and the spilled ones in their place.
+    let own = crate::dump::page_plan(pid, from, &img.vmas, |v| !fork_unsafe(v), &path)?;
+    let mut plan = pagestream::merge_plans(own, pagestream::plan_from_runs(&p.spilled));
+    let sopts = crate::dump::stream_options(opts);
+    if pagestream::scan_mode(&sopts) {
+        plan = pagestream::guard_plan(plan, |i| img.vmas[i].shared, &p.volatile);
     }
-    w.flush(src)?;
-    img.pages_bytes = w.offset;
-    image::finish_pages_file(&file, &path, w.offset)
+    let streamed = pagestream::stream(
+        pid,
+        &mut p.snapshot,
+        &plan,
+        &file,
+        &path,
+        p.spill.as_ref(),
+        sopts,
+    )?;
+    drop(plan);
+    crate::dump::install_runs(&mut img.vmas, streamed.runs);
+    img.pages_bytes = streamed.data_len;
+    image::finish_pages_file(&file, &path, streamed.data_len)
         .map_err(|source| DumpError::Image { pid, source })
 }
 

@@ -195,9 +195,6 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Page pipe size (bytes; capped by /proc/sys/fs/pipe-max-size).
     pub pipe_size: usize,
-    /// Largest batch of pages per parasite command in the copy-on-write
-    /// snapshot path (bytes).
-    pub batch_bytes: u64,
     /// Threads that move a big process's pages (0: automatic, the CPUs not
     /// busy with other processes; small processes use their tracer thread).
     pub page_threads: usize,
@@ -223,7 +220,6 @@ impl Default for DumpOptions {
             dir: PathBuf::from("."),
             leave_running: true,
             pipe_size: 1 << 20,
-            batch_bytes: 64 << 20,
             page_threads: 0,
             dumper_scan: std::env::var_os("PDUMP_DUMPER_SCAN").is_some_and(|v| v == "1"),
             container: None,
@@ -792,10 +788,18 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     };
     thread_altstacks(seized, &mut parasite, &snapshots, &mut proc_img)?;
 
+    // Memory the kernel writes while the parasite (or the snapshot) runs:
+    // rseq areas.
+    let volatile: Vec<(u64, u64)> = proc_img
+        .threads
+        .iter()
+        .filter_map(|t| t.rseq.as_ref())
+        .map(|r| (r.abi_pointer, u64::from(r.abi_size)))
+        .collect();
     // Pages: now, or from a copy-on-write snapshot once the tree runs again.
     if opts.leave_running && opts.cow {
         let max_fd = proc_img.fds.iter().map(|f| f.fd).max().unwrap_or(0);
-        let pending = crate::cow::capture(seized, &mut parasite, &vmas, max_fd, opts)?;
+        let pending = crate::cow::capture(seized, &mut parasite, &vmas, volatile, max_fd, opts)?;
         proc_img.vmas = vmas;
         parasite.cure().map_err(inf("curing"))?;
         return Ok(ProcessDump {
@@ -804,13 +808,6 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
             cow: Some(pending),
         });
     }
-    // Memory the kernel writes while the parasite runs: rseq areas.
-    let volatile: Vec<(u64, u64)> = proc_img
-        .threads
-        .iter()
-        .filter_map(|t| t.rseq.as_ref())
-        .map(|r| (r.abi_pointer, u64::from(r.abi_size)))
-        .collect();
     let (runs_bytes, _pages) =
         dump_pages(seized, &mut parasite, &mut vmas, &volatile, &opts.dir, opts)?;
     proc_img.vmas = vmas;
@@ -913,12 +910,50 @@ fn dump_pages(
     opts: &DumpOptions,
 ) -> Result<(u64, u64)> {
     let pid = seized.pid();
-    let prc = |step| move |source| DumpError::Proc { pid, step, source };
     let img = |source| DumpError::Image { pid, source };
     let path = dir.join(image::pages_file_name(pid));
     let file = image::create_pages_file(dir, pid).map_err(img)?;
-    let mut pagemap = procfs::Pagemap::open(pid).map_err(prc("opening pagemap"))?;
+    let mut plan = page_plan(pid, pid, vmas, |_| true, &path)?;
+    let sopts = stream_options(opts);
+    if crate::pagestream::scan_mode(&sopts) {
+        plan = crate::pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
+    }
+    let streamed = crate::pagestream::stream(pid, parasite, &plan, &file, &path, None, sopts)?;
+    drop(plan);
+    let npages = install_runs(vmas, streamed.runs);
+    image::finish_pages_file(&file, &path, streamed.data_len).map_err(img)?;
+    Ok((streamed.data_len, npages))
+}
+
+/// How pages are streamed with these dump options.
+pub(crate) fn stream_options(opts: &DumpOptions) -> crate::pagestream::StreamOptions {
+    crate::pagestream::StreamOptions {
+        pipe_size: opts.pipe_size.min(pipe_max_size()),
+        threads: opts.page_threads,
+        dumper_scan: opts.dumper_scan,
+    }
+}
+
+/// The plan of process `pid`'s pages as process `from` holds them (the
+/// task itself, or its copy-on-write snapshot): every run of pages to dump
+/// of the mappings `want` selects, in address order ([`Src::Pipe`], or
+/// [`Src::Mem`] for mappings vmsplice cannot take). `path` names the page
+/// file in errors.
+///
+/// [`Src::Pipe`]: crate::pagestream::Src::Pipe
+/// [`Src::Mem`]: crate::pagestream::Src::Mem
+pub(crate) fn page_plan(
+    pid: i32,
+    from: i32,
+    vmas: &[model::Vma],
+    want: impl Fn(&model::Vma) -> bool,
+    path: &Path,
+) -> Result<Vec<crate::pagestream::PlanRun>> {
+    use crate::pagestream::{PlanRun, Src};
+    let prc = |step| move |source| DumpError::Proc { pid, step, source };
+    let mut pagemap = procfs::Pagemap::open(from).map_err(prc("opening pagemap"))?;
     let page = pdump_arch::PAGE_SIZE as u64;
+    let dumped = |v: &model::Vma| want(v) && policy(v) != PagePolicy::None;
 
     // Present pages of every mapping that dumps them all, with one
     // PAGEMAP_SCAN walk over their span (one ioctl per mapping costs about
@@ -926,41 +961,25 @@ fn dump_pages(
     // does not take the span.
     let span = vmas
         .iter()
-        .filter(|v| policy(v) == PagePolicy::Present)
+        .filter(|v| dumped(v) && policy(v) == PagePolicy::Present)
         .fold(None, |acc: Option<(u64, u64)>, v| {
             Some(acc.map_or((v.start, v.end), |(a, b)| (a.min(v.start), b.max(v.end))))
         });
     let all = span.and_then(|(lo, hi)| pagemap.present_ranges_ioctl(lo, hi).ok());
     let mut next_run = 0usize;
 
-    let sopts = crate::pagestream::StreamOptions {
-        pipe_size: opts.pipe_size.min(pipe_max_size()),
-        threads: opts.page_threads,
-        dumper_scan: opts.dumper_scan,
-    };
-    let guard =
-        crate::pagestream::scan_mode(&sopts).then(|| crate::pagestream::PlanGuard::new(volatile));
-
-    // The plan: every run of pages to dump, in address order, guarded for
-    // scan mode as it is built (no second copy of it).
-    let dumped = vmas
-        .iter()
-        .filter(|v| policy(v) != PagePolicy::None)
-        .count();
-    let mut plan = Vec::with_capacity(all.as_ref().map_or(0, Vec::len).max(dumped));
-    for (i, v) in vmas.iter_mut().enumerate() {
-        v.pages.clear();
-        let pol = policy(v);
-        if pol == PagePolicy::None {
+    let mut plan = Vec::new();
+    for (i, v) in vmas.iter().enumerate() {
+        if !dumped(v) {
             continue;
         }
-        let runs = match (pol, &all) {
+        let runs = match (policy(v), &all) {
             (PagePolicy::AnonOnly, _) => {
-                anon_ranges(pid, v.start, v.end).map_err(|source| DumpError::Pages {
+                anon_ranges(from, v.start, v.end).map_err(|source| DumpError::Pages {
                     pid,
                     start: v.start,
                     end: v.end,
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     source,
                 })?
             }
@@ -971,38 +990,35 @@ fn dump_pages(
         };
         // PROT_NONE etc.: vmsplice cannot pin these; they are read through
         // /proc/PID/mem (which may) in their place in the stream.
-        let via_mem = v.prot & 1 == 0;
-        for (addr, n) in runs {
-            let r = crate::pagestream::PlanRun {
-                vma: i,
-                addr,
-                len: n * page,
-                via_mem,
-            };
-            match &guard {
-                Some(g) => g.push(r, v.shared, &mut plan),
-                None => plan.push(r),
-            }
-        }
+        let src = if v.prot & 1 == 0 { Src::Mem } else { Src::Pipe };
+        plan.extend(runs.into_iter().map(|(addr, n)| PlanRun {
+            vma: i,
+            addr,
+            len: n * page,
+            src,
+        }));
     }
-    let streamed = crate::pagestream::stream(pid, parasite, &plan, &file, &path, sopts)?;
-    drop(plan);
+    Ok(plan)
+}
+
+/// Put streamed runs (VMA index, run; address order) into their VMAs, whose
+/// run lists are replaced; the number of pages.
+pub(crate) fn install_runs(vmas: &mut [model::Vma], runs: Vec<(usize, model::PageRun)>) -> u64 {
     // Exact capacities: with tens of thousands of mappings of a run or two
     // each, `push`'s first allocation (4 runs) would cost 160 bytes apiece.
     let mut per_vma = vec![0usize; vmas.len()];
-    for (i, _) in &streamed.runs {
+    for (i, _) in &runs {
         per_vma[*i] += 1;
     }
     for (v, n) in vmas.iter_mut().zip(per_vma) {
-        v.pages.reserve_exact(n);
+        v.pages = Vec::with_capacity(n);
     }
     let mut npages = 0;
-    for (i, r) in streamed.runs {
+    for (i, r) in runs {
         npages += r.npages;
         vmas[i].pages.push(r);
     }
-    image::finish_pages_file(&file, &path, streamed.data_len).map_err(img)?;
-    Ok((streamed.data_len, npages))
+    npages
 }
 
 /// The parts of `runs` (sorted `(address, pages)`) inside `[start, end)`;
@@ -1061,125 +1077,4 @@ pub(crate) fn pipe_max_size() -> usize {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1 << 20)
-}
-
-pub(crate) fn copy_unreadable(
-    pid: i32,
-    addr: u64,
-    len: u64,
-    file: &std::fs::File,
-    at: u64,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let mut buf = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        mem.read_exact_at(&mut buf[..n], addr + done)?;
-        file.write_all_at(&buf[..n], at + done)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
-/// Move `len` bytes from a pipe into `file` at `off` with splice, while the
-/// parasite fills the pipe. Stops early (returning the bytes moved) if the
-/// parasite's command finished and the pipe is empty, so a failed vmsplice
-/// can never hang the dumper.
-pub(crate) fn splice_exact(
-    pipe: i32,
-    file: i32,
-    mut off: u64,
-    len: u64,
-    mut done: impl FnMut() -> bool,
-) -> std::io::Result<u64> {
-    let mut left = len;
-    while left > 0 {
-        let mut o = off as libc::loff_t;
-        // SAFETY: splice between two fds we own; `o` is a valid loff_t.
-        let n = unsafe {
-            libc::splice(
-                pipe,
-                std::ptr::null_mut(),
-                file,
-                &mut o,
-                left as usize,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => {
-                    if done() {
-                        // The command ended; drain what is left, then stop.
-                        let mut pfd = libc::pollfd {
-                            fd: pipe,
-                            events: libc::POLLIN,
-                            revents: 0,
-                        };
-                        // SAFETY: one pollfd we own.
-                        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
-                            return Ok(len - left);
-                        }
-                        continue;
-                    }
-                    let mut pfd = libc::pollfd {
-                        fd: pipe,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one pollfd we own; 50 ms timeout.
-                    unsafe { libc::poll(&mut pfd, 1, 50) };
-                    continue;
-                }
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "page pipe closed",
-            ));
-        }
-        left -= n as u64;
-        off += n as u64;
-        crate::fault::point(); // mid-batch: the parasite is inside vmsplice
-    }
-    Ok(len)
-}
-
-/// Compute every run's CRC32C from the written pages file, reading it
-/// through one 1 MiB buffer (a mapping of the file would count every page
-/// of it in the dumper's RSS).
-pub(crate) fn checksum_runs(
-    dir: &Path,
-    img: &mut model::ProcessImage,
-) -> std::result::Result<(), image::ImageError> {
-    use std::os::unix::fs::FileExt;
-    if img.pages_bytes == 0 {
-        return Ok(());
-    }
-    let path = dir.join(&img.pages_file);
-    let io = |op| {
-        let path = path.clone();
-        move |source| image::ImageError::Io { op, path, source }
-    };
-    let f = std::fs::File::open(&path).map_err(io("open"))?;
-    let mut buf = vec![0u8; 1 << 20];
-    for r in img.vmas.iter_mut().flat_map(|v| v.pages.iter_mut()) {
-        let (mut off, mut left) = (image::format::PAGES_DATA_OFFSET + r.offset, r.file_len());
-        let mut crc = 0;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            f.read_exact_at(&mut buf[..n], off).map_err(io("read"))?;
-            crc = crc32c::crc32c_append(crc, &buf[..n]);
-            off += n as u64;
-            left -= n as u64;
-        }
-        r.crc32c = crc;
-    }
-    Ok(())
 }

@@ -147,7 +147,7 @@ pub enum InfectError {
 
 type Result<T> = std::result::Result<T, InfectError>;
 
-fn errno_of(r: i64) -> nix::Error {
+pub(crate) fn errno_of(r: i64) -> nix::Error {
     nix::Error::from_raw((-r) as i32)
 }
 
@@ -682,22 +682,15 @@ impl<'a> Parasite<'a> {
     /// Start vmsplicing `iovs` (address, length) into page pipe `pipe`.
     /// Returns the command's sequence number for [`Parasite::wait_done`].
     pub fn post_vmsplice(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32> {
-        assert!(iovs.len() <= pdump_parasite::MAX_IOVS);
-        {
-            let d = self.data_mut();
-            for (i, (a, l)) in iovs.iter().enumerate() {
-                d[i * 16..i * 16 + 8].copy_from_slice(&a.to_le_bytes());
-                d[i * 16 + 8..i * 16 + 16].copy_from_slice(&l.to_le_bytes());
-            }
-        }
+        write_iovs(self.data_mut(), iovs);
         self.post(cmd::VMSPLICE, &[pipe as u64, iovs.len() as u64])
     }
 
     /// Fork a copy-on-write snapshot of the task (`cmd::FORK`): a child
     /// process holding the task's memory as it is now, serving page commands
-    /// on its own control block. Call after [`Parasite::page_pipes`] (the
-    /// snapshot writes into the same pipes) and before the cure. `max_fd`
-    /// is the highest fd of the task (the child closes every inherited fd).
+    /// on its own control block (it makes its own page pipes when drained).
+    /// Call before the cure. `max_fd` is the highest fd of the task (the
+    /// child closes every inherited fd).
     ///
     /// On error nothing is left: a child that was created is killed and
     /// reaped through the blob.
@@ -771,43 +764,14 @@ impl<'a> Parasite<'a> {
     /// pages) into page pipe `pipe`: only non-zero pages are vmspliced; read
     /// the runs with [`Parasite::scan_runs`] once it is done.
     pub fn post_vmsplice_scan(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32> {
-        assert!(iovs.len() <= pdump_parasite::MAX_IOVS);
-        {
-            let d = self.data_mut();
-            for (i, (a, l)) in iovs.iter().enumerate() {
-                d[i * 16..i * 16 + 8].copy_from_slice(&a.to_le_bytes());
-                d[i * 16 + 8..i * 16 + 16].copy_from_slice(&l.to_le_bytes());
-            }
-        }
+        write_iovs(self.data_mut(), iovs);
         self.post(cmd::VMSPLICE_SCAN, &[pipe as u64, iovs.len() as u64])
     }
 
     /// The runs a finished [`Parasite::post_vmsplice_scan`] of `niov`
     /// iovecs found (empty if its count is out of bounds).
     pub fn scan_runs(&mut self, niov: usize) -> Vec<pdump_parasite::ScanRun> {
-        let off = pdump_parasite::scan_runs_offset(niov);
-        let max = pdump_parasite::max_scan_runs(niov);
-        let d = self.data_mut();
-        let word = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));
-        let n = word(off) as usize;
-        if n > max {
-            return Vec::new();
-        }
-        let size = std::mem::size_of::<pdump_parasite::ScanRun>();
-        (0..n)
-            .map(|i| {
-                let o = off + 8 + i * size;
-                let w32 =
-                    |k: usize| u32::from_le_bytes(d[o + k..o + k + 4].try_into().expect("4 bytes"));
-                pdump_parasite::ScanRun {
-                    addr: word(o),
-                    npages: w32(8),
-                    zero: w32(12),
-                    crc: w32(16),
-                    iov: w32(20),
-                }
-            })
-            .collect()
+        read_scan_runs(self.data_mut(), niov)
     }
 
     /// Cure the task: it continues exactly as it was when seized (still
@@ -893,15 +857,62 @@ impl<'a> Parasite<'a> {
     }
 }
 
-impl crate::cow::Splice for Parasite<'_> {
-    fn post_vmsplice(&mut self, pipe: usize, iovs: &[(u64, u64)]) -> Result<u32> {
-        Parasite::post_vmsplice(self, pipe, iovs)
+/// Write `iovs` (address, length) as the blob's iovecs at the start of its
+/// data buffer `d` (for VMSPLICE and VMSPLICE_SCAN).
+pub(crate) fn write_iovs(d: &mut [u8], iovs: &[(u64, u64)]) {
+    assert!(iovs.len() <= pdump_parasite::MAX_IOVS);
+    for (i, (a, l)) in iovs.iter().enumerate() {
+        d[i * 16..i * 16 + 8].copy_from_slice(&a.to_le_bytes());
+        d[i * 16 + 8..i * 16 + 16].copy_from_slice(&l.to_le_bytes());
     }
-    fn poll_done(&self, seq: u32) -> bool {
-        Parasite::poll_done(self, seq)
+}
+
+/// The runs a finished VMSPLICE_SCAN of `niov` iovecs left in the blob's
+/// data buffer `d` (empty if its count is out of bounds).
+pub(crate) fn read_scan_runs(d: &[u8], niov: usize) -> Vec<pdump_parasite::ScanRun> {
+    let off = pdump_parasite::scan_runs_offset(niov);
+    let max = pdump_parasite::max_scan_runs(niov);
+    let word = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));
+    let n = word(off) as usize;
+    if n > max {
+        return Vec::new();
+    }
+    let size = std::mem::size_of::<pdump_parasite::ScanRun>();
+    (0..n)
+        .map(|i| {
+            let o = off + 8 + i * size;
+            let w32 =
+                |k: usize| u32::from_le_bytes(d[o + k..o + k + 4].try_into().expect("4 bytes"));
+            pdump_parasite::ScanRun {
+                addr: word(o),
+                npages: w32(8),
+                zero: w32(12),
+                crc: w32(16),
+                iov: w32(20),
+            }
+        })
+        .collect()
+}
+
+impl crate::pagestream::PageSource for Parasite<'_> {
+    fn mem_pid(&self) -> i32 {
+        self.pid
+    }
+    fn page_pipes(&mut self, n: usize, size: usize) -> Result<Vec<File>> {
+        Parasite::page_pipes(self, n, size)
+    }
+    fn post_vmsplice(&mut self, pipe: usize, iovs: &[(u64, u64)], scan: bool) -> Result<u32> {
+        if scan {
+            Parasite::post_vmsplice_scan(self, pipe, iovs)
+        } else {
+            Parasite::post_vmsplice(self, pipe, iovs)
+        }
     }
     fn wait_done(&self, seq: u32, command: u32) -> Result<i64> {
         Parasite::wait_done(self, seq, command)
+    }
+    fn scan_runs(&mut self, niov: usize) -> Vec<pdump_parasite::ScanRun> {
+        Parasite::scan_runs(self, niov)
     }
 }
 

@@ -3,15 +3,25 @@
 //! ```text
 //!  plan: present runs of every dumped VMA (PAGEMAP_SCAN), cut into chunks
 //!        of one pipe's capacity, numbered 0, 1, 2, ...
-//!  coordinator (the process's tracer thread):
+//!  coordinator (the process's tracer thread, or the snapshot's drain
+//!        worker):
 //!        chunk j -> VMSPLICE command into page pipe j % P, wait for it,
 //!        hand chunk j to drainer j % D
 //!  drainers (D threads, or the coordinator itself for small processes):
 //!        read chunk j from its pipe (pages of PROT_NONE mappings from
-//!        /proc/PID/mem), find the zero pages, CRC32C the others, take the
-//!        ticket of chunk j (in order: file offsets follow addresses),
-//!        pwritev the non-zero pages at their offsets
+//!        /proc/PID/mem, spilled pages from the side file), find the zero
+//!        pages, CRC32C the others, take the ticket of chunk j (in order:
+//!        file offsets follow addresses), pwritev the non-zero pages at
+//!        their offsets
 //! ```
+//!
+//! The pages come from a [`PageSource`]: the parasite in a frozen task, or
+//! the copy-on-write snapshot of a task that runs again (`crate::cow`),
+//! which serves the same commands on its own control block. A plan may
+//! also hold pages the snapshot does not have as the task had them (shared,
+//! MADV_DONTFORK, MADV_WIPEONFORK mappings): those were streamed from the
+//! frozen task into a side file (the spill) and come back from it
+//! ([`Src::File`], [`Src::Zero`], see [`plan_from_runs`]).
 //!
 //! Chunks never exceed a pipe's capacity, so a VMSPLICE command into an
 //! emptied pipe never blocks, and the coordinator can post the next chunk
@@ -41,7 +51,7 @@ use crossbeam::channel::{bounded, Receiver};
 
 use crate::dump::DumpError;
 use crate::image::model::PageRun;
-use crate::infect::Parasite;
+use crate::infect::InfectError;
 use pdump_parasite::ScanRun;
 
 const PAGE: u64 = pdump_arch::PAGE_SIZE as u64;
@@ -77,6 +87,66 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Something that moves a process's pages into page pipes on command: the
+/// parasite in a frozen task ([`crate::infect::Parasite`]) or a task's
+/// copy-on-write snapshot ([`crate::cow::Snapshot`]). Both run the same blob
+/// and speak the same protocol (`pdump_parasite::cmd`).
+pub trait PageSource {
+    /// The process whose memory the plan's addresses name (its
+    /// `/proc/PID/mem` is read for [`Src::Mem`] runs).
+    fn mem_pid(&self) -> i32;
+    /// Create `n` page pipes of `size` bytes in the source and take their
+    /// read ends (replacing any earlier ones).
+    fn page_pipes(&mut self, n: usize, size: usize) -> Result<Vec<File>, InfectError>;
+    /// Start a VMSPLICE (or, with `scan`, a VMSPLICE_SCAN) of `iovs` into
+    /// page pipe `pipe`; the command's sequence number.
+    fn post_vmsplice(
+        &mut self,
+        pipe: usize,
+        iovs: &[(u64, u64)],
+        scan: bool,
+    ) -> Result<u32, InfectError>;
+    /// Wait for command `seq` (`command`, for the error); its raw result.
+    fn wait_done(&self, seq: u32, command: u32) -> Result<i64, InfectError>;
+    /// The runs a finished VMSPLICE_SCAN of `niov` iovecs found.
+    fn scan_runs(&mut self, niov: usize) -> Vec<ScanRun>;
+}
+
+/// Where the bytes of a [`PlanRun`] come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Src {
+    /// vmspliced by the [`PageSource`] into a page pipe.
+    Pipe,
+    /// Read through the source's /proc/PID/mem (the mapping is not
+    /// readable, so vmsplice cannot take its pages; or, in scan mode, its
+    /// pages may change under the parasite: see [`guard_plan`]).
+    Mem,
+    /// Read from the side file at this byte offset.
+    File(u64),
+    /// All zero, known without reading (a zero run of the side file).
+    Zero,
+}
+
+impl Src {
+    /// The same source `by` bytes further on.
+    fn advanced(self, by: u64) -> Src {
+        match self {
+            Src::File(off) => Src::File(off + by),
+            s => s,
+        }
+    }
+
+    /// Whether the drainer reads these bytes into its buffer itself (with
+    /// `scan`, the parasite has already looked at what is in the pipe).
+    fn buffered(self, scan: bool) -> bool {
+        match self {
+            Src::Pipe => !scan,
+            Src::Mem | Src::File(_) => true,
+            Src::Zero => false,
+        }
+    }
+}
+
 /// Pages of one VMA, contiguous in memory, to be dumped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanRun {
@@ -86,9 +156,8 @@ pub struct PlanRun {
     pub addr: u64,
     /// Bytes (a multiple of the page size).
     pub len: u64,
-    /// Read through /proc/PID/mem (the mapping is not readable, so vmsplice
-    /// cannot take its pages).
-    pub via_mem: bool,
+    /// Where the bytes come from.
+    pub src: Src,
 }
 
 /// One chunk: at most a pipe's capacity of bytes.
@@ -107,13 +176,17 @@ impl Chunk {
     fn iovs(&self) -> Vec<(u64, u64)> {
         self.segs
             .iter()
-            .filter(|s| !s.via_mem)
+            .filter(|s| s.src == Src::Pipe)
             .map(|s| (s.addr, s.len))
             .collect()
     }
 
     fn pipe_bytes(&self) -> u64 {
-        self.segs.iter().filter(|s| !s.via_mem).map(|s| s.len).sum()
+        self.segs
+            .iter()
+            .filter(|s| s.src == Src::Pipe)
+            .map(|s| s.len)
+            .sum()
     }
 }
 
@@ -146,9 +219,10 @@ impl Iterator for Chunker<'_> {
             c.segs.push(PlanRun {
                 addr: r.addr + self.done_in_run,
                 len: take,
+                src: r.src.advanced(self.done_in_run),
                 ..r
             });
-            if !r.via_mem {
+            if r.src == Src::Pipe {
                 iovs += 1;
             }
             c.bytes += take;
@@ -172,6 +246,8 @@ struct Shared<'a> {
     path: &'a Path,
     file: &'a File,
     mem: Option<File>,
+    /// The side file of [`Src::File`] runs.
+    side: Option<&'a File>,
     /// Set on the first error: stop writing, keep emptying pipes.
     abort: AtomicBool,
     /// Commands finished (chunk index + 1 of the last one finished), or
@@ -269,16 +345,29 @@ impl Drainer {
             return self.discard(sh, pipe, c);
         }
         // 1. The bytes the dumper looks at, in segment order: pages of
-        // unreadable mappings, and in copy mode everything.
+        // unreadable mappings, spilled pages, and in copy mode everything.
+        let scan = c.scan.is_some();
         let mut at = 0usize;
-        for s in c.segs.iter().filter(|s| s.via_mem || c.scan.is_none()) {
+        for s in c.segs.iter().filter(|s| s.src.buffered(scan)) {
             let dst = &mut self.buf[at..at + s.len as usize];
-            if s.via_mem {
-                let mem = sh.mem.as_ref().expect("opened when the plan reads memory");
-                mem.read_exact_at(dst, s.addr)
-                    .map_err(|e| sh.io_err(s.addr, s.addr + s.len, e))?;
-            } else {
-                read_chunk_part(sh, pipe, dst, c.idx, s)?;
+            match s.src {
+                Src::Mem => {
+                    let mem = sh.mem.as_ref().expect("opened when the plan reads memory");
+                    mem.read_exact_at(dst, s.addr)
+                        .map_err(|e| sh.io_err(s.addr, s.addr + s.len, e))?;
+                }
+                Src::File(off) => {
+                    let side = sh.side.ok_or_else(|| {
+                        sh.io_err(
+                            s.addr,
+                            s.addr + s.len,
+                            std::io::Error::other("the plan reads a side file it was not given"),
+                        )
+                    })?;
+                    side.read_exact_at(dst, off)
+                        .map_err(|e| sh.io_err(s.addr, s.addr + s.len, e))?;
+                }
+                _ => read_chunk_part(sh, pipe, dst, c.idx, s)?,
             }
             at += s.len as usize;
         }
@@ -289,7 +378,19 @@ impl Drainer {
         let mut at = 0usize;
         let mut iov = 0u32;
         for s in &c.segs {
-            if let (Some(runs), false) = (&c.scan, s.via_mem) {
+            if s.src == Src::Zero {
+                self.subs.push(Sub {
+                    vma: s.vma,
+                    addr: s.addr,
+                    npages: s.len / PAGE,
+                    zero: true,
+                    from_pipe: false,
+                    at: 0,
+                    crc: 0,
+                });
+                continue;
+            }
+            if let (Some(runs), Src::Pipe) = (&c.scan, s.src) {
                 let mut next = s.addr;
                 for r in runs.iter().filter(|r| r.iov == iov) {
                     if r.addr != next || r.npages == 0 {
@@ -320,7 +421,7 @@ impl Drainer {
                 iov += 1;
                 continue;
             }
-            if !s.via_mem {
+            if s.src == Src::Pipe {
                 iov += 1;
             }
             let first = self.subs.len();
@@ -660,50 +761,36 @@ pub fn scan_mode(opts: &StreamOptions) -> bool {
 ///   on is scheduled;
 ///
 /// so those pages are read by the dumper (through /proc/PID/mem), which
-/// computes the CRC of exactly what it writes.
+/// computes the CRC of exactly what it writes. A copy-on-write snapshot (a
+/// fork of the task) inherits the rseq registration of the thread that
+/// forked it, so the kernel rewrites that area in the snapshot too; its
+/// shared mappings are not in its plan (they come from the spill).
+///
+/// Only [`Src::Pipe`] runs are changed.
 pub fn guard_plan(
     plan: Vec<PlanRun>,
     shared: impl Fn(usize) -> bool,
     volatile: &[(u64, u64)],
 ) -> Vec<PlanRun> {
-    let guard = PlanGuard::new(volatile);
+    let mut pages: Vec<(u64, u64)> = volatile
+        .iter()
+        .filter(|(_, len)| *len > 0)
+        .map(|&(a, len)| (a & !(PAGE - 1), (a + len + PAGE - 1) & !(PAGE - 1)))
+        .collect();
+    pages.sort_unstable();
     let mut out = Vec::with_capacity(plan.len());
     for r in plan {
-        guard.push(r, shared(r.vma), &mut out);
-    }
-    out
-}
-
-/// [`guard_plan`] one run at a time, so a plan is built guarded without a
-/// second copy of it (a run per mapping with tens of thousands of them).
-#[derive(Debug)]
-pub struct PlanGuard {
-    /// Page-aligned `[start, end)` of the volatile areas, sorted.
-    pages: Vec<(u64, u64)>,
-}
-
-impl PlanGuard {
-    /// The guard for the rseq areas `volatile` (address and length).
-    pub fn new(volatile: &[(u64, u64)]) -> PlanGuard {
-        let mut pages: Vec<(u64, u64)> = volatile
-            .iter()
-            .filter(|(_, len)| *len > 0)
-            .map(|&(a, len)| (a & !(PAGE - 1), (a + len + PAGE - 1) & !(PAGE - 1)))
-            .collect();
-        pages.sort_unstable();
-        PlanGuard { pages }
-    }
-
-    /// Append run `r` (of a shared mapping if `shared`) to `out`, split
-    /// where the dumper must read it itself.
-    pub fn push(&self, r: PlanRun, shared: bool, out: &mut Vec<PlanRun>) {
-        if r.via_mem || shared {
-            out.push(PlanRun { via_mem: true, ..r });
-            return;
+        if r.src != Src::Pipe {
+            out.push(r);
+            continue;
+        }
+        if shared(r.vma) {
+            out.push(PlanRun { src: Src::Mem, ..r });
+            continue;
         }
         let mut at = r.addr;
         let end = r.addr + r.len;
-        for &(s, e) in &self.pages {
+        for &(s, e) in &pages {
             let (s, e) = (s.max(at), e.min(end));
             if s >= e {
                 continue;
@@ -718,7 +805,7 @@ impl PlanGuard {
             out.push(PlanRun {
                 addr: s,
                 len: e - s,
-                via_mem: true,
+                src: Src::Mem,
                 ..r
             });
             at = e;
@@ -731,6 +818,58 @@ impl PlanGuard {
             });
         }
     }
+    out
+}
+
+/// The plan that writes `runs` (the output of a [`stream`] into a side
+/// file, in address order) again: data runs read from the side file
+/// ([`Src::File`] at their offsets there), zero runs as [`Src::Zero`].
+/// Contiguous runs of one kind are joined (the stream ended its data runs
+/// at its chunk boundaries), so the new stream cuts them where a stream of
+/// the whole process would.
+pub fn plan_from_runs(runs: &[(usize, PageRun)]) -> Vec<PlanRun> {
+    let mut out: Vec<PlanRun> = Vec::with_capacity(runs.len());
+    for &(vma, r) in runs {
+        let src = if r.zero {
+            Src::Zero
+        } else {
+            Src::File(crate::image::format::PAGES_DATA_OFFSET + r.offset)
+        };
+        if let Some(l) = out.last_mut() {
+            let joins = match (l.src, src) {
+                (Src::Zero, Src::Zero) => true,
+                (Src::File(a), Src::File(b)) => a + l.len == b,
+                _ => false,
+            };
+            if joins && l.vma == vma && l.addr + l.len == r.addr {
+                l.len += r.len();
+                continue;
+            }
+        }
+        out.push(PlanRun {
+            vma,
+            addr: r.addr,
+            len: r.len(),
+            src,
+        });
+    }
+    out
+}
+
+/// Two plans of disjoint sets of VMAs, each in address order, as one.
+pub fn merge_plans(a: Vec<PlanRun>, b: Vec<PlanRun>) -> Vec<PlanRun> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => (x.vma, x.addr) <= (y.vma, y.addr),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        out.extend(if take_a { a.next() } else { b.next() });
+    }
+    out
 }
 
 /// Drainer threads for `bytes` of pages: none below [`THREADED_MIN_BYTES`],
@@ -748,23 +887,27 @@ fn drainers_for(bytes: u64, asked: usize) -> usize {
         .clamp(1, pdump_parasite::MAX_PIPES)
 }
 
-/// Stream the pages of `plan` (address order) into `file` (made by
-/// [`crate::image::create_pages_file`]) through the parasite's page pipes.
+/// Stream the pages of `plan` (address order) of process `pid` into `file`
+/// (made by [`crate::image::create_pages_file`], or a side file: data at
+/// [`crate::image::format::PAGES_DATA_OFFSET`] on) through `src`'s page
+/// pipes; `side` is the file [`Src::File`] runs read.
 pub fn stream(
     pid: i32,
-    parasite: &mut Parasite<'_>,
+    src: &mut dyn PageSource,
     plan: &[PlanRun],
     file: &File,
     path: &Path,
+    side: Option<&File>,
     opts: StreamOptions,
 ) -> Result<Streamed, DumpError> {
     let total: u64 = plan.iter().map(|r| r.len).sum();
     if total == 0 {
         return Ok(Streamed::default());
     }
-    let mem = if plan.iter().any(|r| r.via_mem) {
+    let mem_pid = src.mem_pid();
+    let mem = if plan.iter().any(|r| r.src == Src::Mem) {
         Some(
-            File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::Pages {
+            File::open(format!("/proc/{mem_pid}/mem")).map_err(|source| DumpError::Pages {
                 pid,
                 start: 0,
                 end: 0,
@@ -781,7 +924,7 @@ pub fn stream(
     // for the pipe's lock).
     let npipes = (drainers * 2).clamp(2, pdump_parasite::MAX_PIPES);
     let inf = |step| move |source| DumpError::Infect { pid, step, source };
-    let pipes = parasite
+    let pipes = src
         .page_pipes(npipes, opts.pipe_size)
         .map_err(inf("creating page pipes"))?;
     // The capacity the kernel gave (a power of two of pages): chunks fit it.
@@ -799,6 +942,7 @@ pub fn stream(
         path,
         file,
         mem,
+        side,
         abort: AtomicBool::new(false),
         completed: AtomicU64::new(0),
         order: Mutex::new(Order::default()),
@@ -823,7 +967,7 @@ pub fn stream(
     };
     // Post chunk `c`; returns the command's sequence number (None: nothing
     // to vmsplice, or failed: recorded).
-    let post = |parasite: &mut Parasite<'_>, c: &Chunk| -> Option<u32> {
+    let post = |src: &mut dyn PageSource, c: &Chunk| -> Option<u32> {
         let iovs = c.iovs();
         if iovs.is_empty() {
             return None;
@@ -839,9 +983,9 @@ pub fn stream(
                 }));
                 return None;
             }
-            parasite.post_vmsplice_scan(c.pipe, &iovs)
+            src.post_vmsplice(c.pipe, &iovs, true)
         } else {
-            parasite.post_vmsplice(c.pipe, &iovs)
+            src.post_vmsplice(c.pipe, &iovs, false)
         };
         match r {
             Ok(seq) => Some(seq),
@@ -854,13 +998,13 @@ pub fn stream(
     // Wait for the command of chunk `c`: it must have moved all its pipe
     // bytes (copy mode) or all the non-zero ones it reports (scan mode,
     // whose runs are fetched into `c.scan`).
-    let wait = |parasite: &mut Parasite<'_>, c: &mut Chunk, seq: Option<u32>| {
+    let wait = |src: &mut dyn PageSource, c: &mut Chunk, seq: Option<u32>| {
         let want = c.pipe_bytes();
         if let Some(seq) = seq {
-            match parasite.wait_done(seq, cmd) {
+            match src.wait_done(seq, cmd) {
                 Ok(got) if scan && got >= 0 => {
-                    let niov = c.segs.iter().filter(|s| !s.via_mem).count();
-                    let runs = parasite.scan_runs(niov);
+                    let niov = c.segs.iter().filter(|s| s.src == Src::Pipe).count();
+                    let runs = src.scan_runs(niov);
                     let data: u64 = runs
                         .iter()
                         .filter(|r| r.zero == 0)
@@ -901,16 +1045,16 @@ pub fn stream(
                 break;
             }
             if let Some((pc, seq)) = &mut prev {
-                wait(parasite, pc, *seq);
+                wait(src, pc, *seq);
             }
-            let seq = post(parasite, &c);
+            let seq = post(src, &c);
             if let Some((pc, _)) = prev.take() {
                 d.chunk(&sh, &pipes[pc.pipe], &pc);
             }
             prev = Some((c, seq));
         }
         if let Some((mut pc, seq)) = prev.take() {
-            wait(parasite, &mut pc, seq);
+            wait(src, &mut pc, seq);
             d.chunk(&sh, &pipes[pc.pipe], &pc);
         }
     } else {
@@ -930,12 +1074,12 @@ pub fn stream(
                 if sh.aborted() {
                     break;
                 }
-                let seq = post(parasite, &c);
+                let seq = post(src, &c);
                 let d = c.pipe % drainers;
                 if scan {
                     // The runs are known once the command is done; the pipe
                     // has room as the drainers empty earlier chunks.
-                    wait(parasite, &mut c, seq);
+                    wait(src, &mut c, seq);
                     if txs[d].send(c).is_err() {
                         sh.fail(DumpError::Worker { index: d });
                     }
@@ -952,7 +1096,7 @@ pub fn stream(
                         segs,
                         ..Chunk::default()
                     };
-                    wait(parasite, &mut probe, seq);
+                    wait(src, &mut probe, seq);
                 }
             }
             drop(txs);
@@ -1000,42 +1144,55 @@ mod tests {
             vma,
             addr,
             len: pages * PAGE,
-            via_mem: false,
+            src: Src::Pipe,
         };
-        let plan = vec![run(0, 0x10000, 8), run(1, 0x40000, 2), run(2, 0x50000, 1)];
+        let mut plan = vec![run(0, 0x10000, 8), run(1, 0x40000, 2), run(2, 0x50000, 1)];
+        // Spilled runs (a snapshot's plan) are left as they are, even over
+        // an rseq area.
+        plan.push(PlanRun {
+            src: Src::File(0x5000),
+            ..run(3, 0x60000, 2)
+        });
+        plan.push(PlanRun {
+            src: Src::Zero,
+            ..run(3, 0x62000, 1)
+        });
         // rseq areas of two threads: one inside page 3 of run 0, one
-        // straddling pages 6 and 7 of it.
-        let vol = [(0x13020, 32), (0x16ff0, 32)];
-        let g = guard_plan(plan, |vma| vma == 1, &vol);
-        let got: Vec<(usize, u64, u64, bool)> = g
+        // straddling pages 6 and 7 of it; one in the spilled run.
+        let vol = [(0x13020, 32), (0x16ff0, 32), (0x61000, 32)];
+        let g = guard_plan(plan, |vma| vma == 1 || vma == 3, &vol);
+        let got: Vec<(usize, u64, u64, Src)> = g
             .iter()
-            .map(|r| (r.vma, r.addr, r.len / PAGE, r.via_mem))
+            .map(|r| (r.vma, r.addr, r.len / PAGE, r.src))
             .collect();
         assert_eq!(
             got,
             vec![
-                (0, 0x10000, 3, false),
-                (0, 0x13000, 1, true),
-                (0, 0x14000, 2, false),
-                (0, 0x16000, 2, true),
-                (1, 0x40000, 2, true),
-                (2, 0x50000, 1, false),
+                (0, 0x10000, 3, Src::Pipe),
+                (0, 0x13000, 1, Src::Mem),
+                (0, 0x14000, 2, Src::Pipe),
+                (0, 0x16000, 2, Src::Mem),
+                (1, 0x40000, 2, Src::Mem),
+                (2, 0x50000, 1, Src::Pipe),
+                (3, 0x60000, 2, Src::File(0x5000)),
+                (3, 0x62000, 1, Src::Zero),
             ]
         );
     }
 
     #[test]
     fn chunks_tile_the_plan_within_capacity() {
-        let run = |vma, addr, pages, via_mem| PlanRun {
+        let run = |vma, addr, pages, src| PlanRun {
             vma,
             addr,
             len: pages * PAGE,
-            via_mem,
+            src,
         };
         let plan = [
-            run(0, 0x10000, 3, false),
-            run(1, 0x20000, 10, true),
-            run(2, 0x40000, 1, false),
+            run(0, 0x10000, 3, Src::Pipe),
+            run(1, 0x20000, 10, Src::Mem),
+            run(2, 0x40000, 1, Src::Pipe),
+            run(3, 0x50000, 6, Src::File(0x9000)),
         ];
         let chunks: Vec<Chunk> = Chunker {
             runs: &plan,
@@ -1047,8 +1204,8 @@ mod tests {
             npipes: 3,
         }
         .collect();
-        // 14 pages in chunks of at most 4.
-        assert_eq!(chunks.len(), 4);
+        // 20 pages in chunks of at most 4.
+        assert_eq!(chunks.len(), 5);
         let mut seen = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.idx, i as u64);
@@ -1057,16 +1214,87 @@ mod tests {
             assert_eq!(c.bytes, c.segs.iter().map(|s| s.len).sum::<u64>());
             for s in &c.segs {
                 for k in 0..s.len / PAGE {
-                    seen.push((s.vma, s.addr + k * PAGE, s.via_mem));
+                    // A run read from a file is cut with its file offset.
+                    let src = match s.src {
+                        Src::File(off) => Src::File(off + k * PAGE),
+                        other => other,
+                    };
+                    seen.push((s.vma, s.addr + k * PAGE, src));
                 }
             }
         }
         let want: Vec<_> = plan
             .iter()
-            .flat_map(|r| (0..r.len / PAGE).map(move |k| (r.vma, r.addr + k * PAGE, r.via_mem)))
+            .flat_map(|r| {
+                (0..r.len / PAGE).map(move |k| {
+                    let src = match r.src {
+                        Src::File(off) => Src::File(off + k * PAGE),
+                        other => other,
+                    };
+                    (r.vma, r.addr + k * PAGE, src)
+                })
+            })
             .collect();
         assert_eq!(seen, want);
         assert_eq!(chunks[0].iovs(), vec![(0x10000, 3 * PAGE)]);
         assert_eq!(chunks[0].pipe_bytes(), 3 * PAGE);
+    }
+
+    #[test]
+    fn spilled_runs_come_back_joined_and_merge_in_address_order() {
+        let data_off = crate::image::format::PAGES_DATA_OFFSET;
+        let run = |addr, npages, offset, zero| PageRun {
+            addr,
+            npages,
+            offset,
+            crc32c: 0,
+            zero,
+        };
+        // What a stream of two shared mappings wrote into a side file: a
+        // data run cut at a chunk boundary, zero runs, another mapping.
+        let runs = [
+            (1, run(0x10000, 2, 0, false)),
+            (1, run(0x12000, 3, 2 * PAGE, false)),
+            (1, run(0x15000, 1, 5 * PAGE, true)),
+            (1, run(0x16000, 1, 5 * PAGE, false)),
+            (3, run(0x40000, 2, 6 * PAGE, true)),
+            (3, run(0x42000, 1, 6 * PAGE, false)),
+        ];
+        let p = plan_from_runs(&runs);
+        let got: Vec<(usize, u64, u64, Src)> = p
+            .iter()
+            .map(|r| (r.vma, r.addr, r.len / PAGE, r.src))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, 0x10000, 5, Src::File(data_off)),
+                (1, 0x15000, 1, Src::Zero),
+                (1, 0x16000, 1, Src::File(data_off + 5 * PAGE)),
+                (3, 0x40000, 2, Src::Zero),
+                (3, 0x42000, 1, Src::File(data_off + 6 * PAGE)),
+            ]
+        );
+        let own = |vma, addr| PlanRun {
+            vma,
+            addr,
+            len: PAGE,
+            src: Src::Pipe,
+        };
+        let m = merge_plans(vec![own(0, 0x1000), own(2, 0x30000), own(4, 0x50000)], p);
+        let order: Vec<(usize, u64)> = m.iter().map(|r| (r.vma, r.addr)).collect();
+        assert_eq!(
+            order,
+            vec![
+                (0, 0x1000),
+                (1, 0x10000),
+                (1, 0x15000),
+                (1, 0x16000),
+                (2, 0x30000),
+                (3, 0x40000),
+                (3, 0x42000),
+                (4, 0x50000),
+            ]
+        );
     }
 }

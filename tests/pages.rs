@@ -1,8 +1,9 @@
 //! Page streaming: zero runs, inline CRC32C, several pipes and drainer
 //! threads, in both modes (zero pages and CRCs found by the parasite, or by
-//! the dumper with `PDUMP_DUMPER_SCAN=1`), checked page by page.
+//! the dumper with `PDUMP_DUMPER_SCAN=1`), checked page by page, from a
+//! frozen task (`--no-cow`) and from a copy-on-write snapshot (`-R`).
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use pdump::image::Checkpoint;
 
@@ -28,32 +29,55 @@ fn fill_page(seed: u64, i: u64) -> Vec<u8> {
     p
 }
 
-fn dump(pid: i32, dir: &std::path::Path, dumper_scan: bool) {
+/// `pdump dump -R`: from a copy-on-write snapshot with `cow`, else frozen
+/// (`--no-cow`).
+fn dump_with(pid: i32, dir: &std::path::Path, dumper_scan: bool, cow: bool) {
+    let pid = pid.to_string();
+    let mut args = vec!["dump", "-t", &pid, "-D", dir.to_str().unwrap(), "-R"];
+    if !cow {
+        args.push("--no-cow");
+    }
     let out = Command::new(pdump_bin())
-        .args([
-            "dump",
-            "-t",
-            &pid.to_string(),
-            "-D",
-            dir.to_str().unwrap(),
-            "-R",
-            "--no-cow", // the frozen path (the snapshot path streams on its own)
-        ])
+        .args(&args)
         .env("PDUMP_DUMPER_SCAN", if dumper_scan { "1" } else { "0" })
         .output()
         .unwrap();
-    assert_ok(&out, "pdump dump -R");
+    assert_ok(&out, &format!("pdump {args:?}"));
+}
+
+fn dump(pid: i32, dir: &std::path::Path, dumper_scan: bool) {
+    dump_with(pid, dir, dumper_scan, false)
+}
+
+/// How [`half_zero`] dumps.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// `PDUMP_DUMPER_SCAN=1`.
+    dumper_scan: bool,
+    /// From a copy-on-write snapshot (else frozen).
+    cow: bool,
+    /// The victim's memory is `MAP_SHARED` (spilled while frozen in a
+    /// snapshot dump).
+    shared: bool,
 }
 
 /// A 40 MiB victim, about half of whose pages are zero: the image holds
 /// only the data pages (zero runs have no bytes), every page reads back
 /// right through `show --json --pages`, and the run CRCs (computed while
 /// streaming) verify. 40 MiB is above the size at which drainer threads and
-/// several pipes are used.
-fn half_zero(dumper_scan: bool) {
+/// several pipes are used. A snapshot dump leaves the victim running: it
+/// checks its own memory, then the image is restored and the restored
+/// victim checks it again.
+fn half_zero(mode: Mode) {
     let mib = 40u64;
     let seed = 0x5eed;
-    let v = Victim::spawn("fill", &[&mib.to_string(), "half", &seed.to_string()]);
+    let sharing = if mode.shared { "shared" } else { "private" };
+    let v = Victim::spawn_stderr(
+        "fill",
+        &[&mib.to_string(), "half", &seed.to_string(), sharing],
+        &[("PDUMP_VICTIM_RESTORED_ROOT", "1")],
+        Stdio::null(),
+    );
     let base = u64::from_str_radix(v.ready[0].trim_start_matches("0x"), 16).unwrap();
     let pages: u64 = v.ready[1].parse().unwrap();
     let zero: u64 = v.ready[2].parse().unwrap();
@@ -61,12 +85,13 @@ fn half_zero(dumper_scan: bool) {
         zero > pages / 4 && zero < pages * 3 / 4,
         "{zero} of {pages}"
     );
-    let dir = tempdir(if dumper_scan {
-        "halfzero-dumper"
-    } else {
-        "halfzero"
-    });
-    dump(v.pid, &dir, dumper_scan);
+    let dir = tempdir(&format!(
+        "halfzero{}{}{}",
+        if mode.dumper_scan { "-dumper" } else { "" },
+        if mode.cow { "-cow" } else { "" },
+        if mode.shared { "-shared" } else { "" },
+    ));
+    dump_with(v.pid, &dir, mode.dumper_scan, mode.cow);
 
     let cp = Checkpoint::open(&dir).unwrap();
     cp.verify_pages().expect("run checksums");
@@ -146,21 +171,80 @@ fn half_zero(dumper_scan: bool) {
             "page {i}"
         );
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+    let pid = v.pid;
     let last = v.finish();
     assert!(last.contains(&format!("zero={zero}")), "{last}");
+    if mode.cow {
+        assert!(
+            !std::fs::read_dir(&dir).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')),
+            "the spill file was left behind"
+        );
+        // The image is the moment of the dump: the restored victim finds
+        // every page as it wrote it.
+        let v = Victim::restore(&dir, pid, &[]);
+        let last = v.finish();
+        assert!(last.contains(&format!("zero={zero}")), "restored: {last}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn half_zero_victim_image_holds_only_data_pages() {
     root_or_skip!();
-    half_zero(false);
+    half_zero(Mode {
+        dumper_scan: false,
+        cow: false,
+        shared: false,
+    });
 }
 
 #[test]
 fn half_zero_victim_dumper_scan_mode() {
     root_or_skip!();
-    half_zero(true);
+    half_zero(Mode {
+        dumper_scan: true,
+        cow: false,
+        shared: false,
+    });
+}
+
+/// The snapshot path streams like the frozen one: zero runs, CRCs, several
+/// pipes; the image restores.
+#[test]
+fn half_zero_victim_cow_image_holds_only_data_pages_and_restores() {
+    root_or_skip!();
+    half_zero(Mode {
+        dumper_scan: false,
+        cow: true,
+        shared: false,
+    });
+}
+
+#[test]
+fn half_zero_victim_cow_dumper_scan_mode() {
+    root_or_skip!();
+    half_zero(Mode {
+        dumper_scan: true,
+        cow: true,
+        shared: false,
+    });
+}
+
+/// Shared memory is spilled while the task is frozen (the snapshot would
+/// see the task's later writes): its zero pages become zero runs in the
+/// spill and in the image, its data comes back from the spill file.
+#[test]
+fn half_zero_shared_memory_cow_image_holds_only_data_pages_and_restores() {
+    root_or_skip!();
+    half_zero(Mode {
+        dumper_scan: false,
+        cow: true,
+        shared: true,
+    });
 }
 
 /// Many one-page mappings and a sparse mapping: runs split at every mapping

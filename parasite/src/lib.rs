@@ -33,7 +33,7 @@ pub mod restore;
 /// "PDPARAS1"
 pub const CTL_MAGIC: u64 = 0x3153_4152_4150_4450;
 /// Protocol version; the host refuses a blob of another version.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The comm (`/proc/PID/comm`) of a copy-on-write snapshot.
 pub const SNAPSHOT_COMM: &str = "pdump-snapshot";
@@ -102,14 +102,17 @@ pub mod cmd {
     /// [`Control::snap_rfd`]/[`Control::snap_wfd`], the dumper takes the write
     /// end) and a sync pipe, and forks with exit signal 0 (no SIGCHLD, not
     /// seen by `wait()` without `__WALL`). The child closes every fd it
-    /// inherited but its command pipe, the page pipes' write ends and the
-    /// sync pipe, leaves the task's session (`setsid`), publishes
-    /// `state = SERVING` and closes the sync pipe last; the blob waits for
-    /// that end of file, so the task never runs while the child still holds
-    /// one of its files. The result is the child's pid in the task's pid
-    /// namespace, or -errno (a child that failed was already reaped).
-    /// The snapshot then serves NOP, VMSPLICE and FINI (it exits) on its own
-    /// control block and exits at end of file on its command pipe.
+    /// inherited but its command pipe and the sync pipe (page pipes
+    /// included: it makes its own), leaves the task's session (`setsid`),
+    /// publishes `state = SERVING` and closes the sync pipe last; the blob
+    /// waits for that end of file, so the task never runs while the child
+    /// still holds one of its files. The result is the child's pid in the
+    /// task's pid namespace, or -errno (a child that failed was already
+    /// reaped). The snapshot then serves NOP, PIPES (in its own fd table;
+    /// the dumper takes the read ends from it), VMSPLICE, VMSPLICE_SCAN and
+    /// FINI (it exits) on its own control block, with the same data buffer
+    /// as the parasite (idle once the task is cured), and exits at end of
+    /// file on its command pipe.
     pub const FORK: u32 = 6;
     /// Like [`VMSPLICE`], but first split the `args[1]` iovecs (whole pages)
     /// into runs of zero and non-zero pages with the CRC32C of each non-zero

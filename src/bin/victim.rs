@@ -170,7 +170,8 @@
 //!   happen when `PDUMP_VICTIM_GAPS=1`, and as `maxgap_us=` in the final
 //!   line). All use `MADV_NOHUGEPAGE` mappings and `pattern_word` data, and
 //!   check everything on SIGTERM:
-//!   * `fill [MIB] [none|half] [SEED]` (1024, none, 1): MIB MiB, every page
+//!   * `fill [MIB] [none|half] [SEED] [private|shared]` (1024, none, 1,
+//!     private): MIB MiB (`shared`: `MAP_SHARED | MAP_ANONYMOUS`), every page
 //!     present; with `half`, the 64 KiB groups for which
 //!     `fill_page_is_zero` holds are written with zeros. `READY <pid>
 //!     <base_hex> <pages> <zero_pages>`; final `OK pages= zero= maxgap_us=`.
@@ -4950,14 +4951,24 @@ fn max_gap_us() -> u64 {
 /// A private anonymous read-write mapping of `bytes` (no transparent huge
 /// pages, so every page is its own 4 KiB page).
 fn bench_map(bytes: usize, noreserve: bool) -> Result<usize, String> {
+    bench_map_with(bytes, noreserve, false)
+}
+
+/// [`bench_map`], `MAP_SHARED` with `shared`.
+fn bench_map_with(bytes: usize, noreserve: bool, shared: bool) -> Result<usize, String> {
     let extra = if noreserve { libc::MAP_NORESERVE } else { 0 };
+    let kind = if shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
     // SAFETY: fresh anonymous mapping, only used through raw pointers.
     unsafe {
         let p = libc::mmap(
             null_mut(),
             bytes,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
+            kind | libc::MAP_ANONYMOUS | extra,
             -1,
             0,
         );
@@ -5017,19 +5028,25 @@ pub fn fill_page_is_zero(seed: u64, i: u64) -> bool {
     splitmix64(seed ^ !(i / 16)) & 1 == 0
 }
 
-/// `fill MIB [none|half] [SEED]`: MIB MiB of incompressible memory, every
-/// page present; with `half`, about half the pages (in 64 KiB groups, see
-/// [`fill_page_is_zero`]) are written with zeros instead.
-fn mode_fill(mib: usize, zeros: &str, seed: u64) -> Result<String, String> {
+/// `fill MIB [none|half] [SEED] [private|shared]`: MIB MiB of incompressible
+/// memory (private or shared anonymous), every page present; with `half`,
+/// about half the pages (in 64 KiB groups, see [`fill_page_is_zero`]) are
+/// written with zeros instead.
+fn mode_fill(mib: usize, zeros: &str, seed: u64, sharing: &str) -> Result<String, String> {
     let half = match zeros {
         "none" => false,
         "half" => true,
         _ => return Err(format!("fill: zeros must be none or half, not {zeros:?}")),
     };
+    let shared = match sharing {
+        "private" => false,
+        "shared" => true,
+        _ => return Err(format!("fill: must be private or shared, not {sharing:?}")),
+    };
     let common = common_init(0);
     let bytes = mib << 20;
     let pages = bytes / PAGE;
-    let base = bench_map(bytes, false)?;
+    let base = bench_map_with(bytes, false, shared)?;
     let mut zero = 0u64;
     for i in 0..pages as u64 {
         let a = base + i as usize * PAGE;
@@ -5233,7 +5250,7 @@ fn usage() -> ! {
         "usage: pdump-victim MODE [ARGS]\n\
          modes: loop | stopme | zmm | threads [N] | sleep [MS] | read | pattern [PAGES] [SEED] | fds | bigfiles [MIB] | timers\n       \
          | tree SPEC | tree-preset NAME | clonevm | protnone | core [N] | cow [PAGES] [watchdog,slow,private]\n       \
-         | fill [MIB] [none|half] [SEED] | sparse [MAPPED_MIB] [TOUCHED_MIB] [SEED] | maps [N] [SEED] | writer [MIB]"
+         | fill [MIB] [none|half] [SEED] [private|shared] | sparse [MAPPED_MIB] [TOUCHED_MIB] [SEED] | maps [N] [SEED] | writer [MIB]"
     );
     std::process::exit(2)
 }
@@ -5268,6 +5285,7 @@ fn main() {
             parse_num(args.get(2), 1024, "MIB") as usize,
             args.get(3).map_or("none", String::as_str),
             parse_num(args.get(4), 1, "SEED"),
+            args.get(5).map_or("private", String::as_str),
         ),
         "sparse" => mode_sparse(
             parse_num(args.get(2), 65536, "MAPPED_MIB") as usize,

@@ -337,12 +337,13 @@ fn do_fork(ctl: &Control, snap_addr: u64, stack_top: u64, close_max: u64) -> i64
     snap.sync_wfd.store(sync[1], SeqCst);
     snap.close_max
         .store(close_max.min(i32::MAX as u64) as i32, SeqCst);
-    let n = ctl.npipes.load(SeqCst);
-    for i in 0..(n as usize).min(MAX_PIPES) {
-        snap.pipe_fds[i][0].store(-1, SeqCst);
-        snap.pipe_fds[i][1].store(ctl.pipe_fds[i][1].load(SeqCst), SeqCst);
+    // No page pipes: the snapshot makes its own when the dumper drains it
+    // (PIPES), so nothing of the task's fd table outlives the fork.
+    for p in snap.pipe_fds.iter() {
+        p[0].store(-1, SeqCst);
+        p[1].store(-1, SeqCst);
     }
-    snap.npipes.store(n, SeqCst);
+    snap.npipes.store(0, SeqCst);
     snap.state.store(state::LOADED, SeqCst);
     snap.ret.store(0, SeqCst);
     // SAFETY: the snapshot's stack lies in the shared area (checked above),
@@ -415,23 +416,15 @@ extern "C" fn snapshot_main(arg: u64) -> ! {
     let ctl: &Control = unsafe { &*(arg as *const Control) };
     SNAPSHOT_TID.store(sys(nr::GETTID, &[]) as i32, SeqCst);
     // Drop every file of the task: holding one would change what the task
-    // sees (a pipe that never reports EOF, a lock never released).
+    // sees (a pipe that never reports EOF, a lock never released). Only the
+    // command pipe and the sync pipe stay.
     let sync = ctl.sync_wfd.load(SeqCst);
-    let mut keep = [-1i64; 2 + MAX_PIPES];
-    keep[0] = ctl.cmd_rfd.load(SeqCst) as i64;
-    keep[1] = sync as i64;
-    let n = (ctl.npipes.load(SeqCst) as usize).min(MAX_PIPES);
-    for i in 0..n {
-        keep[2 + i] = ctl.pipe_fds[i][1].load(SeqCst) as i64;
-    }
-    // Insertion sort (no allocation, at most 18 entries).
-    for i in 1..keep.len() {
-        let mut j = i;
-        while j > 0 && keep[j - 1] > keep[j] {
-            keep.swap(j - 1, j);
-            j -= 1;
-        }
-    }
+    let cmd_rfd = ctl.cmd_rfd.load(SeqCst) as i64;
+    let keep = if cmd_rfd < sync as i64 {
+        [cmd_rfd, sync as i64]
+    } else {
+        [sync as i64, cmd_rfd]
+    };
     let max = ctl.close_max.load(SeqCst) as i64;
     let mut lo = 0i64;
     for &k in keep.iter() {
@@ -471,7 +464,9 @@ extern "C" fn snapshot_main(arg: u64) -> ! {
         let a = |i: usize| ctl.args[i].load(Relaxed);
         let ret = match ctl.cmd.load(Acquire) {
             cmd::NOP => 0,
+            cmd::PIPES => do_pipes(ctl, a(0), a(1)),
             cmd::VMSPLICE => do_vmsplice(ctl, a(0), a(1)),
+            cmd::VMSPLICE_SCAN => do_vmsplice_scan(ctl, a(0), a(1)),
             cmd::FINI => {
                 ctl.ret.store(0, Relaxed);
                 ctl.done_seq.store(seq, Release);
