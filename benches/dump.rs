@@ -46,6 +46,9 @@ impl Victim {
         let mut child = Command::new(victim_bin())
             .args(args)
             .env("PDUMP_VICTIM_GAPS", "1")
+            // Restore rows: the restored root's parent, session and group lie
+            // outside the tree and cannot come back with it.
+            .env("PDUMP_VICTIM_RESTORED_ROOT", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()

@@ -88,6 +88,15 @@ fn hex(s: &str) -> u64 {
 /// generation the header's cursor says (one moment: the fork for private
 /// memory, the same freeze for shared, DONTFORK and WIPEONFORK memory).
 /// Returns the cursor.
+/// The cow victim's cursor (the first word of its header page), live.
+fn live_cursor(pid: i32, header: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut w = [0u8; 8];
+    mem.read_exact_at(&mut w, header).unwrap();
+    u64::from_le_bytes(w)
+}
+
 fn check_cow_image(v: &Victim, dir: &Path) -> u64 {
     let header = hex(&v.ready[0]);
     let regions: Vec<u64> = (1..5).map(|i| hex(&v.ready[i])).collect();
@@ -188,6 +197,17 @@ fn cow_image_is_the_moment_of_the_fork_while_the_victim_writes() {
         let c = check_cow_image(&v, &dir);
         assert!(c > last, "the victim did not write between dumps");
         last = c;
+        // The next dump must see new writes: wait until the victim (which
+        // may not have had a CPU since) moved its cursor on.
+        let header = hex(&v.ready[0]);
+        let start = std::time::Instant::now();
+        while live_cursor(v.pid, header) <= c {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "the victim stopped writing after dump {i}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(children(v.pid), vec![], "the snapshot was not reaped");
         std::fs::remove_dir_all(&dir).unwrap();
     }
