@@ -821,6 +821,7 @@ fn make_entry(
         child_subreaper: false,
         pidns_init: own_pid == 1 && (depth > 0 || is_root),
         pidns,
+        comm: st.name.clone(),
     })
 }
 
@@ -1220,6 +1221,7 @@ mod tests {
                     .map(|th| th[rl..].iter().map(|l| l.1).collect())
                     .collect(),
                 child_subreaper: false,
+                comm: String::new(),
                 pidns_init: levels[own].1 == 1 && (depth > 0 || t == root),
                 pidns: levels[own].0,
             });

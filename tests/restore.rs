@@ -303,6 +303,7 @@ fn compare(
         assert_eq!(a.state == 'Z', b.state == 'Z', "pid {pid}: zombie");
         assert_eq!(a.state == 'T', b.state == 'T', "pid {pid}: stopped");
         assert_eq!(a.threads, b.threads, "pid {pid}: threads");
+        assert_eq!(a.comm, b.comm, "pid {pid}: name");
         if b.state == 'Z' {
             assert_eq!(a.exit_code, b.exit_code, "pid {pid}: exit status");
         }

@@ -24,6 +24,8 @@ pub(crate) struct ProcTask {
     pub threads: usize,
     /// Field 52 of /proc/PID/stat (the wait status of a zombie).
     pub exit_code: i32,
+    /// /proc/PID/comm.
+    pub comm: String,
 }
 
 fn field(status: &str, name: &str) -> Vec<i32> {
@@ -47,6 +49,10 @@ fn read_task(pid: i32) -> Option<ProcTask> {
         nssid: field(&s, "NSsid:"),
         state,
         threads: field(&s, "Threads:").first().copied().unwrap_or(1) as usize,
+        comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim_end_matches('\n')
+            .to_string(),
         exit_code: std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|st| {

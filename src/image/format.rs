@@ -38,7 +38,7 @@ use serde::Serialize;
 use super::ImageError;
 
 /// Current major format version. Readers reject any other major.
-pub const FORMAT_MAJOR: u16 = 5;
+pub const FORMAT_MAJOR: u16 = 6;
 /// Current minor format version. Readers reject newer minors of their major.
 pub const FORMAT_MINOR: u16 = 0;
 

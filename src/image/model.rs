@@ -110,6 +110,9 @@ pub struct TaskEntry {
     pub pidns_init: bool,
     /// Inode of the task's pid namespace (`/proc/PID/ns/pid`).
     pub pidns: u64,
+    /// The main thread's name (`comm`). A live task's comes back with its
+    /// threads; a zombie is given it before it exits.
+    pub comm: String,
 }
 
 /// A resource the tree shares with tasks outside it (seed 003: a "leak").

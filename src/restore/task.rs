@@ -254,6 +254,7 @@ fn run_inner(ctl: &Controller, idx: usize) -> Result<Never, Fail> {
     }
     if let Some(status) = t.zombie {
         slot.step.store(step::ZOMBIE, SeqCst);
+        set_name(&t.entry.comm);
         exit_as_zombie(status);
     }
     wait_phase(shared, phase::RESTORE);
@@ -402,6 +403,16 @@ fn unregister_rseq() {
             return;
         }
     }
+}
+
+/// PR_SET_NAME: the kernel takes up to 15 bytes and a NUL.
+fn set_name(comm: &str) {
+    let mut name = [0u8; 16];
+    let b = comm.as_bytes();
+    let n = b.len().min(15);
+    name[..n].copy_from_slice(&b[..n]);
+    // SAFETY: prctl reads a NUL-terminated string of at most 16 bytes we own.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
 fn exit_as_zombie(status: i32) -> ! {
