@@ -1221,7 +1221,10 @@ mod tests {
                     .map(|th| th[rl..].iter().map(|l| l.1).collect())
                     .collect(),
                 child_subreaper: false,
-                comm: String::new(),
+                comm: std::fs::read_to_string(format!("/proc/{}/comm", levels[0].1))
+                    .unwrap()
+                    .trim_end()
+                    .to_string(),
                 pidns_init: levels[own].1 == 1 && (depth > 0 || t == root),
                 pidns: levels[own].0,
             });
