@@ -575,7 +575,8 @@ impl Collector {
         }
     }
 
-    /// Reads one process; `None` when it vanished, is not a process, or is no
+    /// Reads one process; `None` when it vanished, is a dump's copy-on-write
+    /// snapshot (one a killed dumper left: see [`is_snapshot`]), is not a process, or is no
     /// longer a child of `listed_by` (the process whose `children` listed it).
     fn read_task(&self, pid: i32, listed_by: Option<i32>) -> Result<Option<RawTask>, TreeError> {
         let status_path = || procfs::proc_path(pid, "status");
@@ -594,6 +595,10 @@ impl Collector {
             return Ok(None);
         }
         if listed_by.is_some_and(|p| p != status.ppid) {
+            return Ok(None);
+        }
+        if listed_by.is_some() && is_snapshot(pid, &status.name) {
+            log::debug!("pid {pid}: a copy-on-write snapshot of a dump, not a member");
             return Ok(None);
         }
 
@@ -823,6 +828,14 @@ fn make_entry(
         pidns,
         comm: st.name.clone(),
     })
+}
+
+/// Whether `pid` is the copy-on-write snapshot of a dump (see `crate::cow`):
+/// named [`pdump_parasite::SNAPSHOT_COMM`] and created with exit signal 0.
+/// A dumper killed mid-dump leaves its snapshot to exit (or as a zombie,
+/// reaped by the next dump's parasite): it belongs to no tree.
+fn is_snapshot(pid: i32, name: &str) -> bool {
+    name == pdump_parasite::SNAPSHOT_COMM && procfs::stat(pid).is_ok_and(|st| st.exit_signal == 0)
 }
 
 /// The `exit_code` field (52) of `/proc/PID/stat`: the wait status a zombie's

@@ -77,13 +77,14 @@ fn sessions(mode: &str, args: &[&str]) {
         let out = dump_cmd(v.pid, &dir)
             .env("PDUMP_FAULT_KILL_AT", at.to_string())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
+            .output()
             .unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert!(
-            out.signal() == Some(libc::SIGKILL) || out.success(),
-            "session {i} (kill at {at}): {out}"
+            out.status.signal() == Some(libc::SIGKILL) || out.status.success(),
+            "session {i} (kill at {at}/{total}): {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
         );
         for _ in 0..200 {
             if tracer_of(v.pid) == 0 {
@@ -98,6 +99,18 @@ fn sessions(mode: &str, args: &[&str]) {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+    // A whole dump after all that holds the victim alone: the snapshots the
+    // killed dumpers left (exiting, or zombies) are no members of its tree.
+    let last = base.join("last");
+    let out = dump_cmd(v.pid, &last).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cp = pdump::image::Checkpoint::open(&last).unwrap();
+    assert_eq!(cp.inventory.processes, vec![v.pid], "the last dump's tree");
+    assert_eq!(cp.inventory.tree.len(), 1, "the last dump's tree");
     std::thread::sleep(Duration::from_millis(50));
     assert_ne!(v.state(), 't', "victim left in a trace stop");
     assert_eq!(
