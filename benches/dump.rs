@@ -139,13 +139,15 @@ fn warm(bytes: usize) {
     std::hint::black_box(&v);
 }
 
-/// Bytes of every file under `p` (apparent sizes).
+/// Disk space of every file under `p` (allocated blocks: a core's holes and
+/// a sparse page file count nothing).
 fn du(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     match std::fs::metadata(p) {
         Ok(m) if m.is_dir() => std::fs::read_dir(p)
             .map(|d| d.flatten().map(|e| du(&e.path())).sum())
             .unwrap_or(0),
-        Ok(m) => m.len(),
+        Ok(m) => m.blocks() * 512,
         Err(_) => 0,
     }
 }
@@ -424,6 +426,8 @@ struct Results {
     criu_restore: Option<Result<Run, String>>,
     /// `pdump restore` of the kill-mode image, checked by the restored victim.
     restore: Option<Result<Run, String>>,
+    /// `pdump core` of the live victim.
+    core: Option<Result<Run, String>>,
     gcore: Option<Result<Run, String>>,
 }
 
@@ -568,6 +572,32 @@ fn run_workload(
         }
         res.criu = Some(r);
     }
+    if feats.core && !w.tree {
+        warm(w.warm);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let core = dir.join("core");
+        let mut c = Command::new(pdump_bin());
+        c.args(["core", &v.pid.to_string(), "-o", core.to_str().unwrap()])
+            .env("PDUMP_REPORT_HWM", "1");
+        let t0 = Instant::now();
+        let r = timed_child(c).map(|(wall, rss)| Run {
+            wall,
+            rss_kib: Some(rss),
+            image: du(&dir),
+            stop: v.gap_since(t0).map_or(Stop::None, Stop::Gap),
+        });
+        // The core must hold every thread (gdb reads it in tests/core.rs).
+        let threads = std::fs::read_dir(format!("/proc/{}/task", v.pid))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let r = r.and_then(|run| match check_core(&core, threads) {
+            Ok(()) => Ok(run),
+            Err(e) => Err(format!("bad core: {e}")),
+        });
+        res.core = Some(r);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     if has_gcore && w.no_gcore.is_none() {
         warm(w.warm);
         let _ = std::fs::remove_dir_all(&dir);
@@ -611,6 +641,38 @@ fn run_workload(
         res.pdump_kill.push(run);
     }
     res
+}
+
+/// A core file must be an ELF core with one `NT_PRSTATUS` per thread and a
+/// `PT_LOAD` per mapping (gdb reads pdump's cores in `tests/core.rs`).
+fn check_core(path: &Path, threads: usize) -> Result<(), String> {
+    use goblin::elf::{header::ET_CORE, program_header::PT_LOAD, Elf};
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    // SAFETY: a read-only map of a file this bench wrote and nobody changes.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| e.to_string())?;
+    let elf = Elf::parse_header(&map).map_err(|e| e.to_string())?;
+    if elf.e_type != ET_CORE {
+        return Err(format!("e_type {}", elf.e_type));
+    }
+    let elf = Elf::parse(&map).map_err(|e| e.to_string())?;
+    let loads = elf
+        .program_headers
+        .iter()
+        .filter(|p| p.p_type == PT_LOAD)
+        .count();
+    let prstatus = elf
+        .iter_note_headers(&map)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|n| n.n_type == 1 && n.name == "CORE")
+        .count();
+    if loads == 0 || prstatus != threads {
+        return Err(format!(
+            "{loads} PT_LOAD, {prstatus} NT_PRSTATUS for {threads} threads"
+        ));
+    }
+    Ok(())
 }
 
 /// Every image a timed run wrote must open and pass its page checksums
@@ -837,10 +899,9 @@ fn main() {
         "seize+infect+cure per task: {:.3} ms (mean of {n})\n",
         per.as_secs_f64() * 1e3
     );
-    println!("| workload | method | wall s | GB/s | target's longest stop ms | dumper peak RSS MiB | image MiB | x ref | x criu | x gcore | restore s | core s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| workload | method | wall s | GB/s | target's longest stop ms | dumper peak RSS MiB | image MiB | x ref | x criu | x gcore | restore s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let na_restore = "n/a";
-    let na_core = if feats.core { "not timed yet" } else { "n/a" };
     for (w, r) in &table {
         let refr = best(&r.reference);
         let criu = r.criu.as_ref().and_then(|c| c.as_ref().ok()).cloned();
@@ -850,9 +911,9 @@ fn main() {
             Some(o) => format!("{:.2}", o.wall.as_secs_f64() / run.wall.as_secs_f64()),
             None => "-".into(),
         };
-        let row = |method: &str, run: &Run, extra: (&str, &str)| {
+        let row = |method: &str, run: &Run, restore: &str| {
             println!(
-                "| {} | {method} | {:.3} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {method} | {:.3} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
                 w.name,
                 run.wall.as_secs_f64(),
                 gbps(run),
@@ -862,15 +923,14 @@ fn main() {
                 ratio(run, &refr),
                 ratio(run, &criu),
                 ratio(run, &gcore),
-                extra.0,
-                extra.1,
+                restore,
             );
         };
         if let Some(b) = best(&r.pdump_r) {
-            row("pdump -R", &b, ("-", na_core));
+            row("pdump -R", &b, "-");
         }
         if let Some(b) = best(&r.pdump_copy) {
-            row("pdump -R --no-cow, dumper scan", &b, ("-", "-"));
+            row("pdump -R --no-cow, dumper scan", &b, "-");
         }
         if let Some(b) = best(&r.pdump_kill) {
             let restore = match &r.restore {
@@ -882,10 +942,23 @@ fn main() {
                 Some(Err(e)) => format!("failed: {}", e.replace('|', "/")),
                 None => na_restore.to_string(),
             };
-            row("pdump (kill)", &b, (&restore, "-"));
+            row("pdump (kill)", &b, &restore);
+        }
+        match (&r.core, w.tree) {
+            (Some(Ok(c)), _) => row("pdump core", c, "-"),
+            (Some(Err(e)), _) => println!(
+                "| {} | pdump core | failed: {} | | | | | | | | |",
+                w.name,
+                e.replace('|', "/")
+            ),
+            (None, true) => println!(
+                "| {} | pdump core | skipped: a tree (a core holds one process) | | | | | | | | |",
+                w.name
+            ),
+            (None, false) => println!("| {} | pdump core | n/a | | | | | | | | |", w.name),
         }
         if let Some(b) = &refr {
-            row("process_vm_readv ref", b, ("-", "-"));
+            row("process_vm_readv ref", b, "-");
         }
         match &r.criu {
             Some(Ok(c)) => {
@@ -894,29 +967,29 @@ fn main() {
                     Some(Err(e)) => format!("failed: {}", e.replace('|', "/")),
                     None => "-".to_string(),
                 };
-                row("criu dump -R", c, (&restore, "-"))
+                row("criu dump -R", c, &restore)
             }
             Some(Err(e)) => println!(
-                "| {} | criu dump -R | failed: {} | | | | | | | | | |",
+                "| {} | criu dump -R | failed: {} | | | | | | | | |",
                 w.name,
                 e.replace('|', "/")
             ),
             None => println!(
-                "| {} | criu dump -R | not installed | | | | | | | | | |",
+                "| {} | criu dump -R | not installed | | | | | | | | |",
                 w.name
             ),
         }
         match (&r.gcore, w.no_gcore) {
-            (Some(Ok(g)), _) => row("gcore", g, ("-", "-")),
+            (Some(Ok(g)), _) => row("gcore", g, "-"),
             (Some(Err(e)), _) => println!(
-                "| {} | gcore | failed: {} | | | | | | | | | |",
+                "| {} | gcore | failed: {} | | | | | | | | |",
                 w.name,
                 e.replace('|', "/")
             ),
             (None, Some(why)) => {
-                println!("| {} | gcore | skipped: {why} | | | | | | | | | |", w.name)
+                println!("| {} | gcore | skipped: {why} | | | | | | | | |", w.name)
             }
-            (None, None) => println!("| {} | gcore | not installed | | | | | | | | | |", w.name),
+            (None, None) => println!("| {} | gcore | not installed | | | | | | | | |", w.name),
         }
     }
     println!(
