@@ -451,6 +451,93 @@ pub fn fork_unsafe(v: &model::Vma) -> bool {
             .contains_any(&[model::VmFlag::DontCopy, model::VmFlag::WipeOnFork])
 }
 
+/// Flags a fork child does not inherit from its parent's mappings (mlock,
+/// userfaultfd registration): they are taken from smaps read before the
+/// freeze, the rest from the snapshot's own smaps.
+const NOT_INHERITED: &[model::VmFlag] = &[
+    model::VmFlag::Locked,
+    model::VmFlag::LockOnFault,
+    model::VmFlag::UffdMissing,
+    model::VmFlag::UffdWp,
+    model::VmFlag::UffdMinor,
+];
+
+fn same_mapping(a: &model::Vma, b: &model::Vma) -> bool {
+    (a.start, a.end, a.prot, a.shared, a.offset, a.dev, a.inode)
+        == (b.start, b.end, b.prot, b.shared, b.offset, b.dev, b.inode)
+        && a.path == b.path
+}
+
+/// Give `vmas` (from `/proc/PID/maps`, read while frozen) the `VmFlags` of
+/// the same mappings in `pre_read` (`smaps` read before the freeze). False
+/// when a mapping is not there as it is now (then read smaps while frozen).
+/// Both lists are in address order.
+pub fn flags_from(vmas: &mut [model::Vma], pre_read: &[model::Vma]) -> bool {
+    let mut j = 0;
+    for v in vmas.iter_mut() {
+        while j < pre_read.len() && pre_read[j].start < v.start {
+            j += 1;
+        }
+        match pre_read.get(j) {
+            Some(h) if same_mapping(v, h) => v.vm_flags = h.vm_flags.clone(),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// After the resume: check flags that came from smaps read before the
+/// freeze against `snap` (the snapshot's smaps, the mappings as they were
+/// at the fork). A mapping that was not spilled (`spilled[i]`, as the
+/// frozen phase judged by [`fork_unsafe`]) must be in the snapshot as it
+/// is, without `MADV_DONTFORK` (the snapshot would lack it) or
+/// `MADV_WIPEONFORK` (it would hold none of its pages): else
+/// [`DumpError::FlagsChanged`], and the dump is made again. Its flags are
+/// then the snapshot's, but for the ones a child does not inherit (mlock,
+/// userfaultfd), which keep the pre-read's. Spilled mappings keep theirs.
+pub fn check_flags(
+    pid: i32,
+    vmas: &mut [model::Vma],
+    spilled: &[bool],
+    snap: &[model::Vma],
+) -> Result<(), DumpError> {
+    use model::VmFlag;
+    let changed = |v: &model::Vma, what| DumpError::FlagsChanged {
+        pid,
+        start: v.start,
+        end: v.end,
+        what,
+    };
+    let mut j = 0;
+    for (v, &sp) in vmas.iter_mut().zip(spilled) {
+        if sp {
+            continue;
+        }
+        while j < snap.len() && snap[j].start < v.start {
+            j += 1;
+        }
+        let s = match snap.get(j) {
+            Some(s) if same_mapping(v, s) => s,
+            _ => return Err(changed(v, "is not in the snapshot (MADV_DONTFORK?)")),
+        };
+        if s.vm_flags
+            .contains_any(&[VmFlag::DontCopy, VmFlag::WipeOnFork])
+        {
+            return Err(changed(v, "was made MADV_DONTFORK or MADV_WIPEONFORK"));
+        }
+        let mut flags = s.vm_flags.clone();
+        for &f in NOT_INHERITED {
+            if v.vm_flags.contains(f) {
+                flags.insert(f);
+            } else {
+                flags.remove(f);
+            }
+        }
+        v.vm_flags = flags;
+    }
+    Ok(())
+}
+
 /// What the frozen phase leaves for the drain.
 #[derive(Debug)]
 pub struct Pending {
@@ -464,6 +551,9 @@ pub struct Pending {
     spilled: Vec<(usize, model::PageRun)>,
     /// rseq areas of the task's threads (see [`pagestream::guard_plan`]).
     volatile: Vec<(u64, u64)>,
+    /// The mappings' flags came from smaps read before the freeze: check
+    /// them against the snapshot's ([`check_flags`]).
+    flags_pre_read: bool,
 }
 
 impl Pending {
@@ -494,6 +584,7 @@ pub fn capture(
     vmas: &[model::Vma],
     volatile: Vec<(u64, u64)>,
     max_fd: i32,
+    flags_pre_read: bool,
     opts: &DumpOptions,
 ) -> Result<Pending, DumpError> {
     let pid = seized.pid();
@@ -525,6 +616,7 @@ pub fn capture(
                 spill,
                 spilled,
                 volatile,
+                flags_pre_read,
             })
         }
         Err(e) => {
@@ -618,6 +710,14 @@ fn drain_pages(
     let path = dir.join(image::pages_file_name(pid));
     let file =
         image::create_pages_file(dir, pid).map_err(|source| DumpError::Image { pid, source })?;
+    // Which mappings were spilled (fork-unsafe by the flags used while
+    // frozen), before check_flags corrects any flag.
+    let spilled: Vec<bool> = img.vmas.iter().map(fork_unsafe).collect();
+    // The snapshot's smaps, read while the pages stream (it walks page
+    // tables: CPU time, no stop).
+    let snap_smaps = p
+        .flags_pre_read
+        .then(|| std::thread::spawn(move || procfs::smaps(from)));
     // The snapshot's own pages, and the spilled ones in their place.
     let own = crate::dump::page_plan(pid, from, &img.vmas, |v| !fork_unsafe(v), &path)?;
     let mut plan = pagestream::merge_plans(own, pagestream::plan_from_runs(&p.spilled));
@@ -635,6 +735,17 @@ fn drain_pages(
         sopts,
     )?;
     drop(plan);
+    if let Some(h) = snap_smaps {
+        let snap = h
+            .join()
+            .expect("smaps reader panicked")
+            .map_err(|source| DumpError::Proc {
+                pid,
+                step: "reading its snapshot's smaps",
+                source,
+            })?;
+        check_flags(pid, &mut img.vmas, &spilled, &snap)?;
+    }
     crate::dump::install_runs(&mut img.vmas, streamed.runs);
     img.pages_bytes = streamed.data_len;
     image::finish_pages_file(&file, &path, streamed.data_len)
@@ -757,4 +868,80 @@ pub fn reap_leftovers(parasite: &mut Parasite<'_>, pid: i32) -> Result<usize, In
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{VmFlags, Vma};
+
+    fn vma(start: u64, flags: &str) -> Vma {
+        Vma {
+            start,
+            end: start + 0x1000,
+            prot: 3,
+            vm_flags: VmFlags::parse(flags),
+            ..Vma::default()
+        }
+    }
+
+    #[test]
+    fn flags_come_from_the_pre_read_only_where_every_mapping_matches() {
+        let pre = vec![vma(0x1000, "rd wr dc"), vma(0x3000, "rd wr lo")];
+        let mut now = vec![vma(0x1000, ""), vma(0x3000, "")];
+        assert!(flags_from(&mut now, &pre));
+        assert_eq!(now[0].vm_flags.to_string(), "rd wr dc");
+        assert_eq!(now[1].vm_flags.to_string(), "rd wr lo");
+        // A new mapping, a changed one (protections), a missing one.
+        assert!(!flags_from(&mut [vma(0x2000, "")], &pre));
+        let mut prot = vec![vma(0x1000, ""), vma(0x3000, "")];
+        prot[1].prot = 1;
+        assert!(!flags_from(&mut prot, &pre));
+        assert!(!flags_from(&mut [vma(0x5000, "")], &pre));
+    }
+
+    #[test]
+    fn the_snapshot_decides_but_for_flags_a_child_does_not_inherit() {
+        // Pre-read: mapping 0 mlocked, 1 plain, 2 DONTFORK (spilled).
+        let mut vmas = vec![
+            vma(0x1000, "rd lo"),
+            vma(0x2000, "rd"),
+            vma(0x3000, "rd dc"),
+        ];
+        let spilled: Vec<bool> = vmas.iter().map(fork_unsafe).collect();
+        assert_eq!(spilled, [false, false, true]);
+        // The child: no lock (not inherited), 1 got MADV_HUGEPAGE before the
+        // fork, 2 absent (DONTFORK), an extra mapping (the parasite's).
+        let snap = vec![vma(0x1000, "rd"), vma(0x2000, "rd hg"), vma(0x9000, "rd")];
+        check_flags(7, &mut vmas, &spilled, &snap).unwrap();
+        assert_eq!(vmas[0].vm_flags.to_string(), "rd lo");
+        assert_eq!(vmas[1].vm_flags.to_string(), "rd hg");
+        assert_eq!(vmas[2].vm_flags.to_string(), "rd dc");
+    }
+
+    #[test]
+    fn dontfork_or_wipeonfork_set_after_the_pre_read_is_an_error() {
+        let mut vmas = vec![vma(0x1000, "rd"), vma(0x2000, "rd")];
+        let spilled = [false, false];
+        // Absent from the snapshot: MADV_DONTFORK since the read.
+        let e = check_flags(7, &mut vmas, &spilled, &[vma(0x2000, "rd")]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DumpError::FlagsChanged {
+                    pid: 7,
+                    start: 0x1000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // In the snapshot, but MADV_WIPEONFORK: its pages are not there.
+        let snap = vec![vma(0x1000, "rd"), vma(0x2000, "rd wf")];
+        let e = check_flags(7, &mut vmas, &spilled, &snap).unwrap_err();
+        assert!(
+            matches!(e, DumpError::FlagsChanged { start: 0x2000, .. }),
+            "{e}"
+        );
+    }
 }

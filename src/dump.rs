@@ -165,6 +165,22 @@ pub enum DumpError {
         #[source]
         source: crate::fdshare::ShareError,
     },
+    /// A mapping's `VmFlags` changed between the read of `smaps` before the
+    /// freeze and the snapshot's fork (see `crate::cow::check_flags`): the
+    /// dump is made again with `smaps` read while frozen.
+    #[error(
+        "pid {pid}: mapping {start:#x}-{end:#x} {what} since its smaps was read before the freeze"
+    )]
+    FlagsChanged {
+        /// The process.
+        pid: i32,
+        /// First byte of the mapping.
+        start: u64,
+        /// One past its last byte.
+        end: u64,
+        /// What the snapshot showed.
+        what: &'static str,
+    },
     /// A step of the copy-on-write snapshot failed.
     #[error("pid {pid}: {step}")]
     Snapshot {
@@ -268,8 +284,12 @@ struct ProcessDump {
 
 enum Job {
     Seize(i32),
-    Dump(i32),
-    Release { kill: bool },
+    /// Dump a seized process; with copy-on-write, its smaps as read before
+    /// the freeze (see [`pre_read_smaps`]).
+    Dump(i32, Option<Vec<model::Vma>>),
+    Release {
+        kill: bool,
+    },
 }
 
 enum Reply {
@@ -300,9 +320,9 @@ fn worker_loop(rx: Receiver<Job>, tx: Sender<Reply>, opts: DumpOptions) {
                     });
                 let _ = tx.send(Reply::Seized(pid, r));
             }
-            Job::Dump(pid) => {
+            Job::Dump(pid, hint) => {
                 let r = match owned.get(&pid) {
-                    Some(s) => dump_one(s, &opts),
+                    Some(s) => dump_one(s, &opts, hint),
                     None => Err(DumpError::Ptrace {
                         pid,
                         step: "dumping",
@@ -432,9 +452,10 @@ impl Pool {
         &self,
         order: &[i32],
         pending: &mut crate::cow::PendingSet,
+        hints: &mut HashMap<i32, Vec<model::Vma>>,
     ) -> Result<HashMap<i32, ProcessDump>> {
         for pid in order {
-            self.send(self.owner[pid], Job::Dump(*pid))?;
+            self.send(self.owner[pid], Job::Dump(*pid, hints.remove(pid)))?;
         }
         let mut out = HashMap::new();
         let mut first_err = None;
@@ -490,15 +511,64 @@ impl Drop for Pool {
 
 /// Dump the tree rooted at `root` into `opts.dir`.
 pub fn dump_tree(root: i32, opts: &DumpOptions) -> Result<DumpSummary> {
-    dump_impl(root, opts, false)
+    again_if_flags_changed(|pre_read| dump_impl(root, opts, false, pre_read))
 }
 
 /// Dump exactly one process (all its threads, none of its children).
 pub fn dump_process(pid: i32, opts: &DumpOptions) -> Result<DumpSummary> {
-    dump_impl(pid, opts, true)
+    again_if_flags_changed(|pre_read| dump_impl(pid, opts, true, pre_read))
 }
 
-fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary> {
+/// A copy-on-write dump reads `smaps` before the freeze; where a mapping's
+/// flags changed before the fork in a way that matters (see
+/// `crate::cow::check_flags`), it is made again with `smaps` read while
+/// frozen, as without copy-on-write.
+fn again_if_flags_changed(dump: impl Fn(bool) -> Result<DumpSummary>) -> Result<DumpSummary> {
+    match dump(true) {
+        Err(e @ DumpError::FlagsChanged { .. }) => {
+            log::warn!("{e}: dumping again, reading smaps while frozen");
+            dump(false)
+        }
+        r => r,
+    }
+}
+
+/// `/proc/PID/smaps` of each of `pids`, read before the freeze, `workers`
+/// at a time (a task that cannot be read is left out: it is read while
+/// frozen). With copy-on-write the frozen task's cheap `/proc/PID/maps`
+/// takes its flags from here (`smaps` walks every page table entry: about
+/// 13 ms per GiB mapped, more than half the freeze otherwise), checked
+/// against the snapshot's own `smaps` after the resume.
+fn pre_read_smaps(pids: &[i32], workers: usize) -> HashMap<i32, Vec<model::Vma>> {
+    // Test hook: pretend MADV_DONTFORK / MADV_WIPEONFORK were set after this
+    // read (the check after the fork must catch it).
+    let stale = std::env::var_os("PDUMP_TEST_STALE_SMAPS").is_some();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out = std::sync::Mutex::new(HashMap::new());
+    std::thread::scope(|sc| {
+        for _ in 0..workers.clamp(1, pids.len().max(1)) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&pid) = pids.get(i) else { break };
+                let Ok(mut vmas) = procfs::smaps(pid) else {
+                    continue;
+                };
+                if stale {
+                    for v in &mut vmas {
+                        v.vm_flags.remove(model::VmFlag::DontCopy);
+                        v.vm_flags.remove(model::VmFlag::WipeOnFork);
+                    }
+                }
+                out.lock().unwrap().insert(pid, vmas);
+            });
+        }
+    });
+    out.into_inner().unwrap()
+}
+
+/// `pre_read`: with copy-on-write, read `smaps` before the freeze (see
+/// [`pre_read_smaps`]).
+fn dump_impl(root: i32, opts: &DumpOptions, single: bool, pre_read: bool) -> Result<DumpSummary> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
         path: opts.dir.clone(),
@@ -527,6 +597,12 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary>
     // snapshots are reaped once the workers released the tree.
     let mut pending = crate::cow::PendingSet::default();
     let mut pool = Pool::new(nworkers.min(tree.tasks.len().max(1)), opts);
+
+    let mut hints = if pre_read && opts.leave_running && opts.cow {
+        pre_read_smaps(&alive(&tree), nworkers)
+    } else {
+        HashMap::new()
+    };
 
     // Seize, re-collect, seize newcomers, until stable.
     let frozen_at = Instant::now();
@@ -561,7 +637,7 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool) -> Result<DumpSummary>
             .map_err(|source| DumpError::Leaks { root, source })?;
     }
 
-    let mut dumps = pool.dump(&order, &mut pending)?;
+    let mut dumps = pool.dump(&order, &mut pending, &mut hints)?;
     let mut images: Vec<model::ProcessImage> = Vec::with_capacity(order.len());
     for pid in &order {
         let d = dumps.remove(pid).expect("every seized process was dumped");
@@ -651,7 +727,11 @@ fn alive(tree: &crate::tree::Tree) -> Vec<i32> {
 
 /// Dump one seized process (worker thread: its tracer). The process stays
 /// seized; the caller releases it.
-fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
+fn dump_one(
+    seized: &Seized,
+    opts: &DumpOptions,
+    hint: Option<Vec<model::Vma>>,
+) -> Result<ProcessDump> {
     let _active = crate::pagestream::ActiveGuard::new();
     let pid = seized.pid();
     let ptr = |step| move |source| DumpError::Ptrace { pid, step, source };
@@ -686,7 +766,28 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
         .map_err(ptr("reading shared pending signals"))?;
     let status = procfs::status(pid).map_err(prc("reading status"))?;
     let stat = procfs::stat(pid).map_err(prc("reading stat"))?;
-    let mut vmas = procfs::smaps(pid).map_err(prc("reading smaps"))?;
+    // With copy-on-write and smaps read before the freeze: maps, with the
+    // flags from there where every mapping is the same (checked against
+    // the snapshot after the fork).
+    let pre_read = match hint {
+        Some(hint) => {
+            let mut vmas = procfs::maps(pid).map_err(prc("reading maps"))?;
+            if crate::cow::flags_from(&mut vmas, &hint) {
+                Some(vmas)
+            } else {
+                log::debug!(
+                    "pid {pid}: its mappings changed since smaps was read: reading it again"
+                );
+                None
+            }
+        }
+        None => None,
+    };
+    let flags_pre_read = pre_read.is_some();
+    let mut vmas = match pre_read {
+        Some(v) => v,
+        None => procfs::smaps(pid).map_err(prc("reading smaps"))?,
+    };
     // File contents and pipe data go straight into the file-data file.
     let mut data = image::DataWriter::new(&opts.dir, pid);
     let fds = procfs::fds(pid, &mut data).map_err(prc("reading fds"))?;
@@ -799,7 +900,15 @@ fn dump_one(seized: &Seized, opts: &DumpOptions) -> Result<ProcessDump> {
     // Pages: now, or from a copy-on-write snapshot once the tree runs again.
     if opts.leave_running && opts.cow {
         let max_fd = proc_img.fds.iter().map(|f| f.fd).max().unwrap_or(0);
-        let pending = crate::cow::capture(seized, &mut parasite, &vmas, volatile, max_fd, opts)?;
+        let pending = crate::cow::capture(
+            seized,
+            &mut parasite,
+            &vmas,
+            volatile,
+            max_fd,
+            flags_pre_read,
+            opts,
+        )?;
         proc_img.vmas = vmas;
         parasite.cure().map_err(inf("curing"))?;
         return Ok(ProcessDump {

@@ -225,6 +225,53 @@ fn cow_image_is_the_moment_of_the_fork_while_the_victim_writes() {
 }
 
 #[test]
+fn flags_set_after_the_smaps_pre_read_are_caught_and_the_dump_made_again() {
+    root_or_skip!();
+    // smaps is read before the freeze; the hook drops MADV_DONTFORK and
+    // MADV_WIPEONFORK from that read, as if they had been set between the
+    // read and the freeze. The snapshot shows them: the dump is made again,
+    // reading smaps while frozen, and holds the moment of that freeze.
+    let v = Victim::spawn("cow", &["256"]);
+    let dir = tempdir("cow-stale-smaps");
+    let out = Command::new(pdump_bin())
+        .args(["dump", "-t", &v.pid.to_string(), "-D"])
+        .arg(&dir)
+        .arg("-R")
+        .env("PDUMP_TEST_STALE_SMAPS", "1")
+        .output()
+        .unwrap();
+    assert_ok(&out, "dump with a stale smaps pre-read");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dumping again, reading smaps while frozen"),
+        "the changed flags were not noticed: {err}"
+    );
+    check_cow_image(&v, &dir);
+    let cp = Checkpoint::open(&dir).unwrap();
+    let flags = |addr: u64| {
+        cp.processes[0]
+            .vmas
+            .iter()
+            .find(|m| m.start == addr)
+            .map(|m| m.vm_flags.to_string())
+            .unwrap()
+    };
+    assert!(
+        flags(hex(&v.ready[3])).contains("dc"),
+        "{}",
+        flags(hex(&v.ready[3]))
+    );
+    assert!(
+        flags(hex(&v.ready[4])).contains("wf"),
+        "{}",
+        flags(hex(&v.ready[4]))
+    );
+    assert_eq!(children(v.pid), vec![], "a snapshot was not reaped");
+    let _ = std::fs::remove_dir_all(&dir);
+    v.finish();
+}
+
+#[test]
 fn cow_tree_with_pid_namespace_init_and_stopped_members() {
     root_or_skip!();
     // The root is the init of a pid namespace: its snapshot's parent is the

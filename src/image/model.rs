@@ -553,6 +553,11 @@ impl VmFlags {
         self.bits |= 1u64 << flag as u8;
     }
 
+    /// Clears `flag`.
+    pub fn remove(&mut self, flag: VmFlag) {
+        self.bits &= !(1u64 << flag as u8);
+    }
+
     /// The known flags as bits (bit `n` is `VmFlag::ALL[n]`).
     pub fn bits(&self) -> u64 {
         self.bits
