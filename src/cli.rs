@@ -80,29 +80,34 @@ pub fn core(
         )
     };
     let t0 = std::time::Instant::now();
-    let snap = match live {
+    let copts = CoreOptions { filter };
+    let (out, s) = match live {
         Some(p) => {
             if pid.is_some_and(|x| x != p) {
                 return Err("--pid is for checkpoint directories".into());
             }
-            let out_dir = output
-                .as_deref()
-                .and_then(Path::parent)
+            let out = output.unwrap_or_else(|| PathBuf::from(format!("core.{p}")));
+            let out_dir = out
+                .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from("."));
             let opts = SnapshotOptions {
                 work_dir: Some(out_dir),
             };
-            Snapshot::take(p, &opts)?
+            let s = Snapshot::write_live_core(p, &out, &copts, &opts)?;
+            (out, s)
         }
-        None => match pid {
-            Some(p) => Snapshot::open_pid(dir, p)?,
-            None => Snapshot::open(dir)?,
-        },
+        None => {
+            let snap = match pid {
+                Some(p) => Snapshot::open_pid(dir, p)?,
+                None => Snapshot::open(dir)?,
+            };
+            let out = output.unwrap_or_else(|| PathBuf::from(format!("core.{}", snap.pid())));
+            let s = snap.write_core(&out, &copts)?;
+            (out, s)
+        }
     };
-    let out = output.unwrap_or_else(|| PathBuf::from(format!("core.{}", snap.pid())));
-    let s = snap.write_core(&out, &CoreOptions { filter })?;
     print(&format!(
         "wrote {} ({} threads, {} mappings, {} with contents, {} bytes of memory, \
          coredump_filter {:#x}) in {:.1} ms{}\n",

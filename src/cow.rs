@@ -676,13 +676,36 @@ pub fn drain(
     dir: &Path,
     opts: &DumpOptions,
 ) -> Result<(), DumpError> {
+    drain_into(p, img, dir, opts, None)
+}
+
+/// A file laid out by address that a snapshot drains into instead of a
+/// page file (a live core: `crate::elfcore`).
+pub(crate) struct Target<'a> {
+    /// The file.
+    pub file: &'a File,
+    /// Its name, for errors.
+    pub path: &'a Path,
+    /// Where each page goes.
+    pub place: pagestream::Place<'a>,
+}
+
+/// [`drain`], into `target` if given (then no page file is made, and the
+/// runs' offsets are only their order).
+pub(crate) fn drain_into(
+    p: Pending,
+    img: &mut model::ProcessImage,
+    dir: &Path,
+    opts: &DumpOptions,
+    target: Option<Target<'_>>,
+) -> Result<(), DumpError> {
     // Counted as a process being dumped: drains running side by side share
     // the CPUs' drainer threads.
     let _active = pagestream::ActiveGuard::new();
     let pid = p.pid;
     let mut p = p;
     let t0 = Instant::now();
-    let r = drain_pages(&mut p, img, dir, opts);
+    let r = drain_pages(&mut p, img, dir, opts, target);
     log::debug!(
         "pid {pid}: snapshot {} drained in {:.2} ms",
         p.snapshot.pid(),
@@ -704,12 +727,19 @@ fn drain_pages(
     img: &mut model::ProcessImage,
     dir: &Path,
     opts: &DumpOptions,
+    target: Option<Target<'_>>,
 ) -> Result<(), DumpError> {
     let pid = p.pid;
     let from = p.snapshot.pid();
-    let path = dir.join(image::pages_file_name(pid));
-    let file =
-        image::create_pages_file(dir, pid).map_err(|source| DumpError::Image { pid, source })?;
+    let own_file;
+    let (file, path, place) = match target {
+        Some(t) => (t.file, t.path.to_path_buf(), Some(t.place)),
+        None => {
+            own_file = image::create_pages_file(dir, pid)
+                .map_err(|source| DumpError::Image { pid, source })?;
+            (&own_file, dir.join(image::pages_file_name(pid)), None)
+        }
+    };
     // Which mappings were spilled (fork-unsafe by the flags used while
     // frozen), before check_flags corrects any flag.
     let spilled: Vec<bool> = img.vmas.iter().map(fork_unsafe).collect();
@@ -725,13 +755,14 @@ fn drain_pages(
     if pagestream::scan_mode(&sopts) {
         plan = pagestream::guard_plan(plan, |i| img.vmas[i].shared, &p.volatile);
     }
-    let streamed = pagestream::stream(
+    let streamed = pagestream::stream_placed(
         pid,
         &mut p.snapshot,
         &plan,
-        &file,
+        file,
         &path,
         p.spill.as_ref(),
+        place,
         sopts,
     )?;
     drop(plan);
@@ -748,7 +779,10 @@ fn drain_pages(
     }
     crate::dump::install_runs(&mut img.vmas, streamed.runs);
     img.pages_bytes = streamed.data_len;
-    image::finish_pages_file(&file, &path, streamed.data_len)
+    if place.is_some() {
+        return Ok(());
+    }
+    image::finish_pages_file(file, &path, streamed.data_len)
         .map_err(|source| DumpError::Image { pid, source })
 }
 
@@ -763,6 +797,12 @@ impl PendingSet {
     /// Add the snapshot of process `pid`.
     pub fn insert(&mut self, pid: i32, p: Pending) {
         self.items.push((pid, p));
+    }
+
+    /// Take out the snapshot of process `pid`.
+    pub(crate) fn take(&mut self, pid: i32) -> Option<Pending> {
+        let i = self.items.iter().position(|(p, _)| *p == pid)?;
+        Some(self.items.remove(i).1)
     }
 
     /// Whether nothing is pending.

@@ -570,6 +570,102 @@ fn pre_read_smaps(pids: &[i32], workers: usize) -> HashMap<i32, Vec<model::Vma>>
 /// [`pre_read_smaps`]).
 fn dump_impl(root: i32, opts: &DumpOptions, single: bool, pre_read: bool) -> Result<DumpSummary> {
     let t0 = Instant::now();
+    let mut c = capture(root, opts, single, pre_read)?;
+    // Copy-on-write: the pages, from the snapshots, while the tree runs.
+    c.pending.drain(&mut c.images, &opts.dir, opts, c.workers)?;
+    let Captured {
+        tree,
+        order,
+        images,
+        leaks,
+        container,
+        frozen,
+        files,
+        ..
+    } = c;
+
+    let mut summary = DumpSummary {
+        pid: root,
+        processes: images.len(),
+        zombies: tree
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.state, model::TaskState::Zombie { .. }))
+            .count(),
+        container,
+        leaks: leaks.clone(),
+        frozen,
+        ..Default::default()
+    };
+    for img in &images {
+        summary.threads += img.threads.len();
+        summary.vmas += img.vmas.len();
+        summary.pages += img
+            .vmas
+            .iter()
+            .flat_map(|v| v.pages.iter())
+            .map(|r| r.npages)
+            .sum::<u64>();
+        image::write_process(&opts.dir, img).map_err(|source| DumpError::Image {
+            pid: img.pid,
+            source,
+        })?;
+    }
+    let inv = model::Inventory {
+        pdump_version: env!("CARGO_PKG_VERSION").to_string(),
+        arch: Native::NAME.to_string(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        root_pid: root,
+        processes: order.clone(),
+        leave_running: opts.leave_running,
+        page_size: pdump_arch::PAGE_SIZE as u32,
+        mode: if container {
+            model::DumpMode::Container
+        } else {
+            model::DumpMode::SubTree
+        },
+        tree: tree.tasks,
+        leaks,
+        files,
+    };
+    image::write_inventory(&opts.dir, &inv)
+        .map_err(|source| DumpError::Image { pid: root, source })?;
+    summary.total = t0.elapsed();
+    Ok(summary)
+}
+
+/// The tree as captured while frozen, released again; with copy-on-write
+/// the pages are still in the snapshots (`pending`).
+pub(crate) struct Captured {
+    tree: crate::tree::Tree,
+    order: Vec<i32>,
+    /// Per process (in `order`); page runs not yet filled where pending.
+    pub(crate) images: Vec<model::ProcessImage>,
+    leaks: Vec<model::Leak>,
+    container: bool,
+    frozen: Duration,
+    files: Vec<model::FileObject>,
+    /// Dropping it ends and reaps the snapshots.
+    pub(crate) pending: crate::cow::PendingSet,
+    workers: usize,
+}
+
+/// Seize the tree of `root` (or `root` alone), capture its state, release
+/// it: [`dump_impl`] up to the pages of copy-on-write snapshots, which are
+/// left to the caller (a dump drains them into page files, a live core
+/// into the core file).
+pub(crate) fn capture(
+    root: i32,
+    opts: &DumpOptions,
+    single: bool,
+    pre_read: bool,
+) -> Result<Captured> {
     std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
         path: opts.dir.clone(),
         source,
@@ -658,63 +754,17 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool, pre_read: bool) -> Res
     pool.release(!opts.leave_running)?;
     let frozen = frozen_at.elapsed();
     drop(pool);
-    // Copy-on-write: the pages, from the snapshots, while the tree runs.
-    pending.drain(&mut images, &opts.dir, opts, nworkers)?;
-
-    let mut summary = DumpSummary {
-        pid: root,
-        processes: images.len(),
-        zombies: tree
-            .tasks
-            .iter()
-            .filter(|t| matches!(t.state, model::TaskState::Zombie { .. }))
-            .count(),
-        container,
-        leaks: leaks.clone(),
-        frozen,
-        ..Default::default()
-    };
-    for img in &images {
-        summary.threads += img.threads.len();
-        summary.vmas += img.vmas.len();
-        summary.pages += img
-            .vmas
-            .iter()
-            .flat_map(|v| v.pages.iter())
-            .map(|r| r.npages)
-            .sum::<u64>();
-        image::write_process(&opts.dir, img).map_err(|source| DumpError::Image {
-            pid: img.pid,
-            source,
-        })?;
-    }
-    let inv = model::Inventory {
-        pdump_version: env!("CARGO_PKG_VERSION").to_string(),
-        arch: Native::NAME.to_string(),
-        kernel: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        root_pid: root,
-        processes: order.clone(),
-        leave_running: opts.leave_running,
-        page_size: pdump_arch::PAGE_SIZE as u32,
-        mode: if container {
-            model::DumpMode::Container
-        } else {
-            model::DumpMode::SubTree
-        },
-        tree: tree.tasks,
+    Ok(Captured {
+        tree,
+        order,
+        images,
         leaks,
+        container,
+        frozen,
         files,
-    };
-    image::write_inventory(&opts.dir, &inv)
-        .map_err(|source| DumpError::Image { pid: root, source })?;
-    summary.total = t0.elapsed();
-    Ok(summary)
+        pending,
+        workers: nworkers,
+    })
 }
 
 fn alive(tree: &crate::tree::Tree) -> Vec<i32> {

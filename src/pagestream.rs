@@ -240,6 +240,10 @@ impl Iterator for Chunker<'_> {
     }
 }
 
+/// Where a page goes in a file laid out by address (an ELF core): the file
+/// offset of the page at address `addr` of VMA `vma` (index in the plan).
+pub type Place<'a> = &'a (dyn Fn(usize, u64) -> u64 + Sync);
+
 /// State shared by the coordinator and the drainers of one process.
 struct Shared<'a> {
     pid: i32,
@@ -248,6 +252,9 @@ struct Shared<'a> {
     mem: Option<File>,
     /// The side file of [`Src::File`] runs.
     side: Option<&'a File>,
+    /// Where data goes: back to back from `PAGES_DATA_OFFSET` (a page
+    /// file), or at the offset this gives a page (a core file).
+    place: Option<Place<'a>>,
     /// Set on the first error: stop writing, keep emptying pipes.
     abort: AtomicBool,
     /// Commands finished (chunk index + 1 of the last one finished), or
@@ -503,14 +510,22 @@ impl Drainer {
         };
         sh.turn.notify_all();
 
-        // 4. The data parts, back to back from `base`: runs of parts from
-        // the buffer in one pwritev, runs of parts in the pipe (scan mode) in
-        // one splice.
+        // 4. The data parts, back to back from `base` (or each where `place`
+        // puts it): runs of parts from the buffer in one pwritev, runs of
+        // parts in the pipe (scan mode) in one splice.
         let first = c.segs[0].addr;
         let last = c.segs.last().map_or(first, |s| s.addr + s.len);
         let mut off = crate::image::format::PAGES_DATA_OFFSET + base;
         let data: Vec<Sub> = self.subs.iter().filter(|s| !s.zero).copied().collect();
-        for group in data.chunk_by(|a, b| a.from_pipe == b.from_pipe) {
+        let placed = |s: &Sub| sh.place.map(|p| p(s.vma, s.addr));
+        let follows = |a: &Sub, b: &Sub| match sh.place {
+            Some(p) => p(b.vma, b.addr) == p(a.vma, a.addr) + a.npages * PAGE,
+            None => true,
+        };
+        for group in data.chunk_by(|a, b| a.from_pipe == b.from_pipe && follows(a, b)) {
+            if let Some(at) = placed(&group[0]) {
+                off = at;
+            }
             let len: u64 = group.iter().map(|s| s.npages * PAGE).sum();
             if group[0].from_pipe {
                 splice_all(pipe, sh.file, off, len).map_err(|e| sh.io_err(first, last, e))?;
@@ -900,6 +915,23 @@ pub fn stream(
     side: Option<&File>,
     opts: StreamOptions,
 ) -> Result<Streamed, DumpError> {
+    stream_placed(pid, src, plan, file, path, side, None, opts)
+}
+
+/// [`stream`], with each data page written where `place` says instead of
+/// back to back (the run list's offsets are then the data's order, not its
+/// place in `file`).
+#[allow(clippy::too_many_arguments)]
+pub fn stream_placed(
+    pid: i32,
+    src: &mut dyn PageSource,
+    plan: &[PlanRun],
+    file: &File,
+    path: &Path,
+    side: Option<&File>,
+    place: Option<Place<'_>>,
+    opts: StreamOptions,
+) -> Result<Streamed, DumpError> {
     let total: u64 = plan.iter().map(|r| r.len).sum();
     if total == 0 {
         return Ok(Streamed::default());
@@ -943,6 +975,7 @@ pub fn stream(
         file,
         mem,
         side,
+        place,
         abort: AtomicBool::new(false),
         completed: AtomicU64::new(0),
         order: Mutex::new(Order::default()),

@@ -122,11 +122,41 @@ pub struct Snapshot {
     inventory: Inventory,
     process: ProcessImage,
     pages: Option<PagesReader>,
+    /// A live core in the making: the dumped pages are already in the core
+    /// file (see [`Snapshot::write_live_core`]), not in a page image.
+    in_core: Option<InCore>,
     captured: Vec<Captured>,
+}
+
+/// Pages streamed straight into a core file: those of mapping `i` start at
+/// `regions[i]` (the mapping's start address there).
+#[derive(Debug)]
+pub(crate) struct InCore {
+    pub(crate) file: File,
+    pub(crate) path: PathBuf,
+    pub(crate) regions: Vec<Option<u64>>,
 }
 
 /// A temporary image directory, removed on drop.
 struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new directory in `opts.work_dir` (default: the temp dir).
+    fn new(pid: i32, opts: &SnapshotOptions) -> Result<TempDir> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!(
+            ".pdump-snapshot-{pid}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir).map_err(|source| CoreError::TempDir {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(TempDir(dir))
+    }
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -151,18 +181,7 @@ impl Snapshot {
     /// # Ok(()) }
     /// ```
     pub fn take(pid: i32, opts: &SnapshotOptions) -> Result<Snapshot> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let base = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!(
-            ".pdump-snapshot-{pid}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&dir).map_err(|source| CoreError::TempDir {
-            path: dir.clone(),
-            source,
-        })?;
-        let tmp = TempDir(dir);
+        let tmp = TempDir::new(pid, opts)?;
         let dopts = DumpOptions {
             dir: tmp.0.clone(),
             leave_running: true,
@@ -215,6 +234,7 @@ impl Snapshot {
             inventory: cp.inventory,
             process,
             pages,
+            in_core: None,
             captured: Vec::new(),
         };
         if verify {
@@ -314,7 +334,16 @@ impl Snapshot {
     /// Where the data of a dumped page run is: the offset of its bytes in
     /// the page file. This is the only function that interprets a
     /// [`PageRun`]; `None` means "no bytes stored, the pages are zero".
-    fn run_data(&self, run: &PageRun) -> Option<u64> {
+    fn run_data(&self, v: &Vma, run: &PageRun) -> Option<u64> {
+        if let Some(c) = &self.in_core {
+            let i = self.process.vmas.partition_point(|x| x.start < v.start);
+            return c
+                .regions
+                .get(i)
+                .copied()
+                .flatten()
+                .map(|r| r + (run.addr - v.start));
+        }
         self.pages.as_ref()?;
         Some(PAGES_DATA_OFFSET + run.offset)
     }
@@ -380,7 +409,7 @@ impl Snapshot {
             gap(at, rs.max(at), &mut push);
             let s = rs.max(at);
             let e = re.min(end);
-            let src = match self.run_data(r) {
+            let src = match self.run_data(v, r) {
                 Some(off) => Source::Pages(off + (s - rs)),
                 None => Source::Zero,
             };
@@ -393,7 +422,16 @@ impl Snapshot {
 
     /// The page file (if the process has page data).
     pub(crate) fn pages_file(&self) -> Option<(&File, &Path)> {
+        if let Some(c) = &self.in_core {
+            return Some((&c.file, &c.path));
+        }
         self.pages.as_ref().map(|p| (p.file(), p.path()))
+    }
+
+    /// The core file the pages were streamed into, if this is a live core
+    /// in the making.
+    pub(crate) fn in_core(&self) -> Option<&InCore> {
+        self.in_core.as_ref()
     }
 
     /// Bytes captured outside the page image.
@@ -435,15 +473,10 @@ impl Snapshot {
             Source::Zero => dst.fill(0),
             Source::Captured(i, off) => dst.copy_from_slice(self.captured(i, off, dst.len())),
             Source::Pages(off) => {
-                let pages = self
-                    .pages
-                    .as_ref()
-                    .expect("Pages source without a page file");
-                pages
-                    .file()
-                    .read_exact_at(dst, off)
+                let (file, path) = self.pages_file().expect("Pages source without a page file");
+                file.read_exact_at(dst, off)
                     .map_err(|source| CoreError::ReadPages {
-                        path: pages.path().to_path_buf(),
+                        path: path.to_path_buf(),
                         addr: p.addr,
                         source,
                     })?;
@@ -472,6 +505,133 @@ impl Snapshot {
     /// Write an ELF core file of this snapshot to `path`.
     pub fn write_core(&self, path: &Path, opts: &CoreOptions) -> Result<CoreSummary> {
         crate::elfcore::write_core(self, path, opts)
+    }
+
+    /// Write an ELF core of the live process `pid` to `path`, leaving it
+    /// running: [`Snapshot::take`] then [`Snapshot::write_core`], but the
+    /// pages go once, from the copy-on-write snapshot straight to their
+    /// place in the core (no page image in between). The process is stopped
+    /// only while its state is captured and the snapshot forked.
+    /// `work.work_dir` holds the few other temporary files (fd contents).
+    ///
+    /// ```no_run
+    /// use pdump::{CoreOptions, Snapshot, SnapshotOptions};
+    ///
+    /// # fn main() -> Result<(), pdump::Error> {
+    /// let s = Snapshot::write_live_core(
+    ///     1234,
+    ///     "core.1234".as_ref(),
+    ///     &CoreOptions::default(),
+    ///     &SnapshotOptions::default(),
+    /// )?;
+    /// println!("{} threads, {} bytes of memory", s.threads, s.data_bytes);
+    /// # Ok(()) }
+    /// ```
+    pub fn write_live_core(
+        pid: i32,
+        path: &Path,
+        opts: &CoreOptions,
+        work: &SnapshotOptions,
+    ) -> Result<CoreSummary> {
+        match Self::live_core(pid, path, opts, work, true) {
+            Err(CoreError::Capture { source, .. })
+                if matches!(*source, crate::dump::DumpError::FlagsChanged { .. }) =>
+            {
+                log::warn!("{source}: capturing again, reading smaps while frozen");
+                Self::live_core(pid, path, opts, work, false)
+            }
+            r => r,
+        }
+    }
+
+    fn live_core(
+        pid: i32,
+        path: &Path,
+        opts: &CoreOptions,
+        work: &SnapshotOptions,
+        pre_read: bool,
+    ) -> Result<CoreSummary> {
+        let tmp_dir = TempDir::new(pid, work)?;
+        let dopts = DumpOptions {
+            dir: tmp_dir.0.clone(),
+            leave_running: true,
+            cow: true,
+            ..DumpOptions::default()
+        };
+        let capture = |source| CoreError::Capture {
+            pid,
+            source: Box::new(source),
+        };
+        let mut c = crate::dump::capture(pid, &dopts, true, pre_read).map_err(capture)?;
+        let mut process = c.images.pop().ok_or(CoreError::NoProcess {
+            dir: tmp_dir.0.clone(),
+            pid,
+        })?;
+        let pending = c.pending.take(pid);
+        drop(c);
+
+        // Every mapping whose pages may be streamed gets its whole size,
+        // in address order, behind the headers; the filter decides later
+        // what the core keeps (the rest is punched out again).
+        let mut at = crate::elfcore::header_len(&process);
+        let regions: Vec<Option<u64>> = process
+            .vmas
+            .iter()
+            .map(|v| {
+                (crate::dump::policy(v) != crate::dump::PagePolicy::None).then(|| {
+                    at = at.div_ceil(crate::image::PAGE_SIZE) * crate::image::PAGE_SIZE;
+                    let r = at;
+                    at += v.end - v.start;
+                    r
+                })
+            })
+            .collect();
+        let tmp = crate::elfcore::temp_path(path);
+        let out = crate::elfcore::create_temp(&tmp)?;
+        if let Some(p) = pending {
+            let starts: Vec<u64> = process.vmas.iter().map(|v| v.start).collect();
+            let place = |i: usize, addr: u64| {
+                regions[i].expect("a page of a mapping that streams none") + (addr - starts[i])
+            };
+            let target = crate::cow::Target {
+                file: &out,
+                path: &tmp,
+                place: &place,
+            };
+            if let Err(e) =
+                crate::cow::drain_into(p, &mut process, &tmp_dir.0, &dopts, Some(target))
+            {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(capture(e));
+            }
+        }
+        let mut snap = Snapshot {
+            inventory: Inventory {
+                pdump_version: env!("CARGO_PKG_VERSION").to_string(),
+                arch: Native::NAME.to_string(),
+                kernel: nix::sys::utsname::uname()
+                    .map(|u| u.release().to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                root_pid: pid,
+                processes: vec![pid],
+                leave_running: true,
+                page_size: crate::image::PAGE_SIZE as u32,
+                ..Inventory::default()
+            },
+            process,
+            pages: None,
+            in_core: Some(InCore {
+                file: out.try_clone().map_err(|source| CoreError::Create {
+                    path: tmp.clone(),
+                    source,
+                })?,
+                path: tmp.clone(),
+                regions,
+            }),
+            captured: Vec::new(),
+        };
+        snap.capture_vdso_of(pid);
+        crate::elfcore::finish_core(&snap, &out, &tmp, path, opts)
     }
 }
 

@@ -611,6 +611,55 @@ fn snapshot_api_threads_memory_and_filter() {
         );
     }
     assert_eq!(count(0x205), usize::from(xcr0 & !3 != 0), "one layout note");
+
+    // The live core (pages streamed straight into their places) has the
+    // segments of a core made from a snapshot, with the same bytes for
+    // the file header page, the global and the heap; 0x32 leaves anonymous
+    // private memory out (the streamed heap is punched out again).
+    for (filter, snap_core) in [(0x33, &b33), (0x37, &b37)] {
+        let live = dir.join(format!("live.{filter:x}"));
+        let s = Snapshot::write_live_core(
+            v.pid,
+            &live,
+            &CoreOptions {
+                filter: Some(filter),
+            },
+            &opts,
+        )
+        .expect("Snapshot::write_live_core");
+        assert_eq!((s.threads, s.filter), (3, filter));
+        assert_running_untraced(v.pid);
+        let b = std::fs::read(&live).unwrap();
+        let (l, ls) = (loads(&b), loads(snap_core));
+        let shape =
+            |x: &[(u64, u64, u64, u64)]| x.iter().map(|t| (t.0, t.1, t.3)).collect::<Vec<_>>();
+        assert_eq!(shape(&l), shape(&ls), "segments with filter {filter:#x}");
+        for addr in [ro.start, global, heap] {
+            let at = |b: &[u8], l: &[(u64, u64, u64, u64)]| {
+                let s = l.iter().find(|s| s.0 <= addr && addr < s.0 + s.3).unwrap();
+                b[(s.2 + addr - s.0) as usize..][..256].to_vec()
+            };
+            assert_eq!(
+                at(&b, &l),
+                at(snap_core, &ls),
+                "{addr:#x}, filter {filter:#x}"
+            );
+        }
+        assert_eq!(notes(&b).len(), ns.len());
+    }
+    let live = dir.join("live.32");
+    Snapshot::write_live_core(v.pid, &live, &CoreOptions { filter: Some(0x32) }, &opts).unwrap();
+    let l = loads(&std::fs::read(&live).unwrap());
+    let h = l.iter().find(|s| s.0 <= heap && heap < s.0 + s.1).unwrap();
+    assert_eq!(h.3, 0, "the heap is left out with 0x32");
+    assert!(
+        std::fs::read_dir(&dir).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.')),
+        "temporary files left behind"
+    );
     drop(snap);
     assert_eq!(v.finish(), "OK threads=2");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -268,9 +268,96 @@ fn p_flags(prot: u32) -> elf::ProgramFlags {
     elf::ProgramFlags(f)
 }
 
+/// Bytes before the first segment: the ELF header, the program headers
+/// (one `PT_NOTE`, one `PT_LOAD` per mapping), the notes and, past 65534
+/// segments, section header 0. Known before any page is read: a live core
+/// streams pages into their places behind it ([`Snapshot::write_live_core`]).
+pub(crate) fn header_len(p: &crate::image::model::ProcessImage) -> u64 {
+    let note_len = notes::encode(&notes::all(p, PAGE_SIZE)).len() as u64;
+    let mut hb = HeaderBuf::default();
+    let mut w = Writer::new(Endianness::Little, true, &mut hb);
+    reserve_headers(&mut w, p.vmas.len(), note_len);
+    w.reserved_len()
+}
+
+/// Reserve the header part in `w`; returns the notes' offset and whether
+/// the segment count needs section header 0 (`PN_XNUM`).
+fn reserve_headers(w: &mut Writer<'_>, nvmas: usize, note_len: u64) -> (u64, bool) {
+    w.reserve_file_header();
+    let nphdr = 1 + nvmas as u32;
+    w.reserve_program_headers(nphdr);
+    let notes_off = w.reserve(note_len, 4);
+    // More than 65534 segments: e_phnum is PN_XNUM and the real count is in
+    // section header 0.
+    let xnum = nphdr >= u32::from(elf::PN_XNUM);
+    if xnum {
+        w.reserve_null_section_index();
+        w.reserve_section_headers();
+    }
+    (notes_off, xnum)
+}
+
+fn align_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+/// The temporary file a core is written to, next to `path`.
+pub(crate) fn temp_path(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    dir.unwrap_or(Path::new(".")).join(format!(
+        ".{}.tmp.{}",
+        name.unwrap_or_else(|| "core".into()),
+        std::process::id()
+    ))
+}
+
+/// Create (truncate) the temporary core file `tmp`.
+pub(crate) fn create_temp(tmp: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(|source| CoreError::Create {
+            path: tmp.to_path_buf(),
+            source,
+        })
+}
+
 /// Write the core of `snap` to `path` (through a temporary file in the same
 /// directory, renamed into place when complete).
 pub fn write_core(snap: &Snapshot, path: &Path, opts: &CoreOptions) -> Result<CoreSummary> {
+    let tmp = temp_path(path);
+    let out = create_temp(&tmp)?;
+    finish_core(snap, &out, &tmp, path, opts)
+}
+
+/// Write everything of `snap`'s core into `out` (the temporary file `tmp`)
+/// but the pages already there (a live core's), then rename it to `path`.
+/// On error `tmp` is removed.
+pub(crate) fn finish_core(
+    snap: &Snapshot,
+    out: &File,
+    tmp: &Path,
+    path: &Path,
+    opts: &CoreOptions,
+) -> Result<CoreSummary> {
+    let result = write_into(snap, out, tmp, opts).and_then(|summary| {
+        std::fs::rename(tmp, path).map_err(|source| CoreError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(summary)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
+fn write_into(snap: &Snapshot, out: &File, tmp: &Path, opts: &CoreOptions) -> Result<CoreSummary> {
     let arch = &snap.inventory().arch;
     if arch != "x86_64" {
         return Err(CoreError::UnsupportedArch { arch: arch.clone() });
@@ -280,26 +367,41 @@ pub fn write_core(snap: &Snapshot, path: &Path, opts: &CoreOptions) -> Result<Co
     let sizes: Vec<u64> = p.vmas.iter().map(|v| dump_size(snap, v, filter)).collect();
     let note_bytes = notes::encode(&notes::all(p, PAGE_SIZE));
 
-    // Phase 1: the layout.
+    // Phase 1: the layout. Segments of a live core whose pages were
+    // streamed in already have their place; the others follow.
     let mut hb = HeaderBuf::default();
     let mut w = Writer::new(Endianness::Little, true, &mut hb);
-    w.reserve_file_header();
-    let nphdr = 1 + p.vmas.len() as u32;
-    w.reserve_program_headers(nphdr);
-    let notes_off = w.reserve(note_bytes.len() as u64, 4);
-    // More than 65534 segments: e_phnum is PN_XNUM and the real count is in
-    // section header 0.
-    let xnum = nphdr >= u32::from(elf::PN_XNUM);
-    if xnum {
-        w.reserve_null_section_index();
-        w.reserve_section_headers();
+    let (notes_off, xnum) = reserve_headers(&mut w, p.vmas.len(), note_bytes.len() as u64);
+    let regions = snap.in_core().map(|c| c.regions.as_slice());
+    let region = |i: usize| regions.and_then(|r| r.get(i).copied().flatten());
+    let mut next = (0..p.vmas.len())
+        .filter_map(|i| region(i).map(|r| r + (p.vmas[i].end - p.vmas[i].start)))
+        .max()
+        .unwrap_or(0)
+        .max(w.reserved_len());
+    let mut data_offs = Vec::with_capacity(sizes.len());
+    for (i, &size) in sizes.iter().enumerate() {
+        match region(i) {
+            Some(r) => data_offs.push(r),
+            None => {
+                next = align_up(next, PAGE_SIZE);
+                data_offs.push(next);
+                next += size;
+            }
+        }
     }
-    let data_offs: Vec<u64> = sizes.iter().map(|&s| w.reserve(s, PAGE_SIZE)).collect();
-    let file_len = w.reserved_len();
+    let file_len = sizes
+        .iter()
+        .zip(&data_offs)
+        .filter(|(&s, _)| s > 0)
+        .map(|(&s, &o)| o + s)
+        .max()
+        .unwrap_or(0)
+        .max(w.reserved_len());
 
     // Phase 2: headers and notes.
     let elf_err = |e: object::write::Error| CoreError::Elf {
-        path: path.to_path_buf(),
+        path: tmp.to_path_buf(),
         what: e.to_string(),
     };
     w.write_file_header(&FileHeader {
@@ -342,57 +444,52 @@ pub fn write_core(snap: &Snapshot, path: &Path, opts: &CoreOptions) -> Result<Co
     drop(w);
 
     // Phase 3: the file.
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = dir.unwrap_or(Path::new(".")).join(format!(
-        ".{}.tmp.{}",
-        name.unwrap_or_else(|| "core".into()),
-        std::process::id()
-    ));
-    let out = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|source| CoreError::Create {
-            path: tmp.clone(),
+    let werr = |offset| {
+        let tmp = tmp.to_path_buf();
+        move |source| CoreError::Write {
+            path: tmp,
+            offset,
             source,
-        })?;
-    let result = (|| {
-        let werr = |offset| {
-            let tmp = tmp.clone();
-            move |source| CoreError::Write {
-                path: tmp,
-                offset,
-                source,
-            }
-        };
-        out.write_all_at(&hb.0, 0).map_err(werr(0))?;
-        let mut summary = CoreSummary {
-            threads: p.threads.len(),
-            segments: p.vmas.len(),
-            filter,
-            ..Default::default()
-        };
-        for ((v, &size), &off) in p.vmas.iter().zip(&sizes).zip(&data_offs) {
-            if size == 0 {
-                continue;
-            }
-            summary.segments_with_data += 1;
-            summary.data_bytes += size;
-            write_segment(snap, v, size, &out, off, &tmp)?;
         }
-        out.set_len(file_len).map_err(werr(file_len))?;
-        std::fs::rename(&tmp, path).map_err(|source| CoreError::Create {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(summary)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    };
+    out.write_all_at(&hb.0, 0).map_err(werr(0))?;
+    let mut summary = CoreSummary {
+        threads: p.threads.len(),
+        segments: p.vmas.len(),
+        filter,
+        ..Default::default()
+    };
+    for (i, ((v, &size), &off)) in p.vmas.iter().zip(&sizes).zip(&data_offs).enumerate() {
+        // Streamed pages past what the core holds of a mapping (the filter
+        // left it out, or holds only its ELF header): give the space back.
+        if let Some(r) = region(i) {
+            let whole = v.end - v.start;
+            if size < whole {
+                punch_hole(out, r + size, whole - size);
+            }
+        }
+        if size == 0 {
+            continue;
+        }
+        summary.segments_with_data += 1;
+        summary.data_bytes += size;
+        write_segment(snap, v, size, out, off, tmp)?;
     }
-    result
+    out.set_len(file_len).map_err(werr(file_len))?;
+    Ok(summary)
+}
+
+/// Free `[off, off + len)` of `f` (a hole reads as zero); best effort.
+fn punch_hole(f: &File, off: u64, len: u64) {
+    // SAFETY: fallocate on a file we own; no memory is passed.
+    unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
 }
 
 /// Copy the first `size` bytes of mapping `v` into `out` at `off`.
@@ -418,6 +515,8 @@ fn write_segment(
                 out.write_all_at(snap.captured(i, o, piece.len as usize), at)
                     .map_err(werr)?;
             }
+            // A live core's pages are already in place.
+            Source::Pages(_) if snap.in_core().is_some() => {}
             Source::Pages(src_off) => {
                 let (pages, pages_path) =
                     snap.pages_file().expect("Pages source without a page file");
