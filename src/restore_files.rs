@@ -735,6 +735,19 @@ fn stream_blob(
 
 /// Fills the (empty) regular file or memfd `f` with `blob`: its size
 /// first, then the chunks that are not all zero (holes stay holes).
+impl Fill {
+    /// The error of fd `at`: a bad checkpoint as such, a write as `io` says.
+    fn at(self, at: &FdRef, io: impl FnOnce(io::Error) -> FilesError) -> FilesError {
+        match self {
+            Fill::Data(source) => FilesError::Data {
+                at: at.clone(),
+                source,
+            },
+            Fill::Io(e) => io(e),
+        }
+    }
+}
+
 fn fill_file(dir: &Path, blob: &Blob, f: &File) -> Result<(), Fill> {
     f.set_len(blob.len).map_err(Fill::Io)?;
     stream_blob(dir, blob, |at, bytes| {
@@ -1285,13 +1298,8 @@ impl<'a> Opener<'a, '_> {
             return Err(err("fchmod", last_err()));
         }
         let f = File::from(fd);
-        fill_file(self.dir, contents, &f).map_err(|e| match e {
-            Fill::Data(source) => FilesError::Data {
-                at: at.clone(),
-                source,
-            },
-            Fill::Io(e) => err("write the contents", e),
-        })?;
+        fill_file(self.dir, contents, &f)
+            .map_err(|e| e.at(at, |e| err("write the contents", e)))?;
         let fd = OwnedFd::from(f);
         let raw = fd.as_raw_fd();
         self.unlinked.push((path, mode, contents, fd));
@@ -1329,13 +1337,8 @@ impl<'a> Opener<'a, '_> {
         }
         // SAFETY: memfd_create just returned this fd, owned by nobody else.
         let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        fill_file(self.dir, contents, &f).map_err(|e| match e {
-            Fill::Data(source) => FilesError::Data {
-                at: at.clone(),
-                source,
-            },
-            Fill::Io(e) => err("write the contents", e),
-        })?;
+        fill_file(self.dir, contents, &f)
+            .map_err(|e| e.at(at, |e| err("write the contents", e)))?;
         let fd = OwnedFd::from(f);
         let raw = fd.as_raw_fd();
         self.memfds.insert(inode, fd);
