@@ -38,8 +38,7 @@ pub fn dump(pid: i32, dir: PathBuf, opts: DumpOptions) -> CliResult {
         ..opts
     };
     let s = dump_tree(pid, &opts)?;
-    let mut msg =
-        format!(
+    let mut msg = format!(
         "dumped the tree of pid {} ({} processes, {} zombies, {} threads, {} mappings, {} pages) \
          into {} in {:.1} ms (frozen {:.1} ms){}\n",
         s.pid,
@@ -51,7 +50,16 @@ pub fn dump(pid: i32, dir: PathBuf, opts: DumpOptions) -> CliResult {
         dir.display(),
         s.total.as_secs_f64() * 1e3,
         s.frozen.as_secs_f64() * 1e3,
-        if leave_running { ", left running" } else { ", killed" }
+        if !leave_running {
+            ", killed".to_string()
+        } else if s.snapshots > 0 {
+            format!(
+                ", left running ({} of the processes through copy-on-write snapshots)",
+                s.snapshots
+            )
+        } else {
+            ", left running".to_string()
+        }
     );
     if s.container {
         msg.push_str("container mode: nothing is shared with tasks outside the tree\n");

@@ -794,6 +794,11 @@ pub struct PendingSet {
 }
 
 impl PendingSet {
+    /// Snapshots waiting to be drained.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
     /// Add the snapshot of process `pid`.
     pub fn insert(&mut self, pid: i32, p: Pending) {
         self.items.push((pid, p));

@@ -169,6 +169,69 @@ pub struct Parasite<'a> {
     mapped: bool,
 }
 
+/// A parasite left serving in its task while the dumper holds no borrow
+/// of the [`Seized`] (see [`Parasite::park`]). Take it back with
+/// [`ParkedParasite::resume`] to cure the task. Dropped without that, its
+/// command pipe closes and the blob cures the task on its own (it sees the
+/// end of the pipe): kill the task first where it must not run on.
+pub struct ParkedParasite {
+    guard: Option<guard::Held>,
+    pid: i32,
+    tid: i32,
+    snapshot: ThreadSnapshot,
+    area: u64,
+    layout: Layout,
+    /// The dumper's map of the shared area: dropped while parked unless a
+    /// guard lives in it (a tree of many processes would otherwise keep
+    /// the touched pages of every area mapped), mapped again on resume.
+    local: Option<MmapMut>,
+    cmd_w: Option<File>,
+    seq: u32,
+    running: bool,
+    mapped: bool,
+}
+
+impl std::fmt::Debug for ParkedParasite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParkedParasite")
+            .field("pid", &self.pid)
+            .field("area", &self.area)
+            .finish()
+    }
+}
+
+impl ParkedParasite {
+    /// The task's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The parasite again, in `seized` (the process it was parked from).
+    /// Fails only if its shared area cannot be mapped again; the blob then
+    /// cures the task on its own once this is dropped.
+    pub fn resume(self, seized: &Seized) -> Result<Parasite<'_>> {
+        assert_eq!(seized.pid(), self.pid, "resumed in another process");
+        let local = match self.local {
+            Some(l) => l,
+            None => map_area(self.pid, self.area, self.layout.size)?,
+        };
+        Ok(Parasite {
+            guard: self.guard,
+            seized,
+            pid: self.pid,
+            tid: self.tid,
+            snapshot: self.snapshot,
+            area: self.area,
+            layout: self.layout,
+            local,
+            cmd_w: self.cmd_w,
+            seq: self.seq,
+            running: self.running,
+            mapped: self.mapped,
+        })
+    }
+}
+
 impl std::fmt::Debug for Parasite<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parasite")
@@ -772,6 +835,39 @@ impl<'a> Parasite<'a> {
     /// iovecs found (empty if its count is out of bounds).
     pub fn scan_runs(&mut self, niov: usize) -> Vec<pdump_parasite::ScanRun> {
         read_scan_runs(self.data_mut(), niov)
+    }
+
+    /// Leave the blob serving in the task without curing it, releasing the
+    /// borrow of the [`Seized`]: a dump that kills its tree saves the cure
+    /// (a stop and a remote munmap per task) when it succeeds, and resumes
+    /// and cures every parked parasite when it fails.
+    pub fn park(self) -> ParkedParasite {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never used or dropped again; each field is moved
+        // out exactly once (the `Seized` borrow is just forgotten).
+        let (guard, snapshot, local, cmd_w) = unsafe {
+            (
+                std::ptr::read(&me.guard),
+                std::ptr::read(&me.snapshot),
+                std::ptr::read(&me.local),
+                std::ptr::read(&me.cmd_w),
+            )
+        };
+        ParkedParasite {
+            // A held guard is linked into this thread's robust list from
+            // inside the local map: keep the map then.
+            local: guard.is_some().then_some(local),
+            guard,
+            pid: me.pid,
+            tid: me.tid,
+            snapshot,
+            area: me.area,
+            layout: me.layout,
+            cmd_w,
+            seq: me.seq,
+            running: me.running,
+            mapped: me.mapped,
+        }
     }
 
     /// Cure the task: it continues exactly as it was when seized (still

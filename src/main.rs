@@ -47,6 +47,12 @@ enum Cmd {
         /// each process) after it runs again.
         #[arg(long)]
         no_cow: bool,
+        /// With --leave-running: a process with less resident anonymous
+        /// and shared memory than this (bytes) is copied while frozen, as
+        /// a snapshot would cost more than the copy; 0: every process
+        /// through a snapshot.
+        #[arg(long, value_name = "BYTES", default_value_t = pdump::pagestream::SMALL_PLAN_BYTES)]
+        cow_min_size: u64,
     },
     /// Restore a dumped tree with the same pids; prints the root's pid.
     Restore {
@@ -141,6 +147,7 @@ fn main() -> ExitCode {
                 subtree,
                 workers,
                 no_cow,
+                cow_min_size,
             }),
         ) => {
             let container = match (container, subtree) {
@@ -153,6 +160,7 @@ fn main() -> ExitCode {
                 container,
                 workers,
                 cow: !no_cow,
+                cow_min_bytes: cow_min_size,
                 ..DumpOptions::default()
             };
             cli::dump(pid, dir, opts)

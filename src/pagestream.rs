@@ -327,33 +327,68 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 
 /// A drainer's working memory.
 struct Drainer {
+    /// Grown on demand up to `cap` (a chunk): a small process whose pages
+    /// all come through a pipe in scan mode never touches it, and a 1 MiB
+    /// zeroed allocation per process (its page faults, its unmapping) was
+    /// a good part of dumping a small process.
     buf: Vec<u8>,
+    cap: usize,
     subs: Vec<Sub>,
 }
 
 impl Drainer {
     fn new(cap: usize) -> Drainer {
         Drainer {
-            buf: vec![0u8; cap],
+            buf: Vec::new(),
+            cap,
             subs: Vec::new(),
         }
     }
 
-    /// Move chunk `c` from `pipe` into the file. Errors go to `sh.fail`;
-    /// after one, only empties the pipe.
-    fn chunk(&mut self, sh: &Shared<'_>, pipe: &File, c: &Chunk) {
-        if let Err(e) = self.chunk_inner(sh, pipe, c) {
+    /// The buffer, at least `n` bytes long.
+    fn buf_at_least(&mut self, n: usize) -> &mut Vec<u8> {
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+        &mut self.buf
+    }
+
+    /// Move chunk `c` from its pipe (of `pipes`: none when the plan has no
+    /// [`Src::Pipe`] run) into the file. Errors go to `sh.fail`; after
+    /// one, only empties the pipe.
+    fn chunk(&mut self, sh: &Shared<'_>, pipes: &[File], c: &Chunk) {
+        if let Err(e) = self.chunk_inner(sh, pipes.get(c.pipe), c) {
             sh.fail(e);
         }
     }
 
-    fn chunk_inner(&mut self, sh: &Shared<'_>, pipe: &File, c: &Chunk) -> Result<(), DumpError> {
+    fn chunk_inner(
+        &mut self,
+        sh: &Shared<'_>,
+        pipe: Option<&File>,
+        c: &Chunk,
+    ) -> Result<(), DumpError> {
         if sh.aborted() {
             return self.discard(sh, pipe, c);
         }
+        let first = c.segs.first().map_or(0, |s| s.addr);
+        let no_pipe = || {
+            sh.io_err(
+                first,
+                first,
+                std::io::Error::other("a chunk reads a page pipe the stream did not make"),
+            )
+        };
         // 1. The bytes the dumper looks at, in segment order: pages of
         // unreadable mappings, spilled pages, and in copy mode everything.
         let scan = c.scan.is_some();
+        let need: u64 = c
+            .segs
+            .iter()
+            .filter(|s| s.src.buffered(scan))
+            .map(|s| s.len)
+            .sum();
+        self.buf_at_least(need as usize);
         let mut at = 0usize;
         for s in c.segs.iter().filter(|s| s.src.buffered(scan)) {
             let dst = &mut self.buf[at..at + s.len as usize];
@@ -374,7 +409,7 @@ impl Drainer {
                     side.read_exact_at(dst, off)
                         .map_err(|e| sh.io_err(s.addr, s.addr + s.len, e))?;
                 }
-                _ => read_chunk_part(sh, pipe, dst, c.idx, s)?,
+                _ => read_chunk_part(sh, pipe.ok_or_else(no_pipe)?, dst, c.idx, s)?,
             }
             at += s.len as usize;
         }
@@ -528,7 +563,8 @@ impl Drainer {
             }
             let len: u64 = group.iter().map(|s| s.npages * PAGE).sum();
             if group[0].from_pipe {
-                splice_all(pipe, sh.file, off, len).map_err(|e| sh.io_err(first, last, e))?;
+                splice_all(pipe.ok_or_else(no_pipe)?, sh.file, off, len)
+                    .map_err(|e| sh.io_err(first, last, e))?;
             } else {
                 let parts: Vec<&[u8]> = group
                     .iter()
@@ -543,7 +579,15 @@ impl Drainer {
 
     /// After an error: empty the pipe of what the parasite put there for
     /// chunk `c`, so that it never waits for room.
-    fn discard(&mut self, sh: &Shared<'_>, pipe: &File, c: &Chunk) -> Result<(), DumpError> {
+    fn discard(
+        &mut self,
+        sh: &Shared<'_>,
+        pipe: Option<&File>,
+        c: &Chunk,
+    ) -> Result<(), DumpError> {
+        let Some(pipe) = pipe else {
+            return Ok(()); // nothing was put in a pipe
+        };
         let moved = match &c.scan {
             Some(runs) => runs
                 .iter()
@@ -553,6 +597,8 @@ impl Drainer {
             None => c.pipe_bytes(),
         };
         let mut left = moved as usize;
+        let cap = self.cap;
+        self.buf_at_least(cap.min(left));
         while left > 0 {
             let n = left.min(self.buf.len());
             let seg = c.segs[0];
@@ -887,6 +933,29 @@ pub fn merge_plans(a: Vec<PlanRun>, b: Vec<PlanRun>) -> Vec<PlanRun> {
     out
 }
 
+/// Plans of at most this many bytes are read by the dumper through
+/// /proc/PID/mem ([`small_plan`]).
+pub const SMALL_PLAN_BYTES: u64 = 1 << 20;
+
+/// A plan of at most [`SMALL_PLAN_BYTES`] read by the dumper through
+/// /proc/PID/mem instead of page pipes: for a small process, making the
+/// pipes in the task and taking them over (a parasite command, a pidfd and
+/// two pidfd_getfd) and a command per chunk cost more than copying its few
+/// pages once more (a tree of 200 processes of ~250 KiB each spent about a
+/// third of its page dumping there). Larger plans are returned unchanged.
+pub fn small_plan(plan: Vec<PlanRun>) -> Vec<PlanRun> {
+    let total: u64 = plan.iter().map(|r| r.len).sum();
+    if total > SMALL_PLAN_BYTES {
+        return plan;
+    }
+    plan.into_iter()
+        .map(|r| match r.src {
+            Src::Pipe => PlanRun { src: Src::Mem, ..r },
+            _ => r,
+        })
+        .collect()
+}
+
 /// Drainer threads for `bytes` of pages: none below [`THREADED_MIN_BYTES`],
 /// else the CPUs not busy with other processes' dumps (at least one).
 fn drainers_for(bytes: u64, asked: usize) -> usize {
@@ -956,19 +1025,28 @@ pub fn stream_placed(
     // for the pipe's lock).
     let npipes = (drainers * 2).clamp(2, pdump_parasite::MAX_PIPES);
     let inf = |step| move |source| DumpError::Infect { pid, step, source };
-    let pipes = src
-        .page_pipes(npipes, opts.pipe_size)
-        .map_err(inf("creating page pipes"))?;
+    // A plan read entirely by the dumper (see `small_plan`) needs no pipe.
+    let pipes = if plan.iter().any(|r| r.src == Src::Pipe) {
+        src.page_pipes(npipes, opts.pipe_size)
+            .map_err(inf("creating page pipes"))?
+    } else {
+        Vec::new()
+    };
     // The capacity the kernel gave (a power of two of pages): chunks fit it.
-    let cap = pipes
-        .iter()
-        .map(|p| {
-            // SAFETY: F_GETPIPE_SZ on a pipe fd we own.
-            unsafe { libc::fcntl(p.as_raw_fd(), libc::F_GETPIPE_SZ) }
-        })
-        .min()
-        .filter(|&c| c >= PAGE as i32)
-        .unwrap_or(PAGE as i32) as u64;
+    let cap = if pipes.is_empty() {
+        (opts.pipe_size as u64 / PAGE).max(1) * PAGE
+    } else {
+        pipes
+            .iter()
+            .map(|p| {
+                // SAFETY: F_GETPIPE_SZ on a pipe fd we own.
+                unsafe { libc::fcntl(p.as_raw_fd(), libc::F_GETPIPE_SZ) }
+            })
+            .min()
+            .filter(|&c| c >= PAGE as i32)
+            .unwrap_or(PAGE as i32) as u64
+    };
+    log::trace!("pid {pid}: {npipes} page pipes of {cap} bytes, {total} bytes to stream");
     let sh = Shared {
         pid,
         path,
@@ -1082,13 +1160,13 @@ pub fn stream_placed(
             }
             let seq = post(src, &c);
             if let Some((pc, _)) = prev.take() {
-                d.chunk(&sh, &pipes[pc.pipe], &pc);
+                d.chunk(&sh, &pipes, &pc);
             }
             prev = Some((c, seq));
         }
         if let Some((mut pc, seq)) = prev.take() {
             wait(src, &mut pc, seq);
-            d.chunk(&sh, &pipes[pc.pipe], &pc);
+            d.chunk(&sh, &pipes, &pc);
         }
     } else {
         std::thread::scope(|s| {
@@ -1152,7 +1230,7 @@ pub fn stream_placed(
 fn drain_loop(sh: &Shared<'_>, pipes: &[File], rx: Receiver<Chunk>, cap: usize) {
     let mut d = Drainer::new(cap);
     while let Ok(c) = rx.recv() {
-        d.chunk(sh, &pipes[c.pipe], &c);
+        d.chunk(sh, pipes, &c);
     }
 }
 

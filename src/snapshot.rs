@@ -556,6 +556,9 @@ impl Snapshot {
             dir: tmp_dir.0.clone(),
             leave_running: true,
             cow: true,
+            // The pages go from the snapshot into the core: every process
+            // needs one.
+            cow_min_bytes: 0,
             ..DumpOptions::default()
         };
         let capture = |source| CoreError::Capture {

@@ -12,7 +12,17 @@ use crate::util::{assert_ok, pdump, pdump_bin, tempdir, Victim};
 
 fn dump(pid: i32, dir: &Path, extra: &[&str]) {
     let pid = pid.to_string();
-    let mut args = vec!["dump", "-t", &pid, "-D", dir.to_str().unwrap(), "-R"];
+    // Every process through a snapshot, small ones too.
+    let mut args = vec![
+        "dump",
+        "-t",
+        &pid,
+        "-D",
+        dir.to_str().unwrap(),
+        "-R",
+        "--cow-min-size",
+        "0",
+    ];
     args.extend(extra);
     let out = pdump(&args);
     assert_ok(&out, &format!("pdump {args:?}"));
@@ -236,7 +246,7 @@ fn flags_set_after_the_smaps_pre_read_are_caught_and_the_dump_made_again() {
     let out = Command::new(pdump_bin())
         .args(["dump", "-t", &v.pid.to_string(), "-D"])
         .arg(&dir)
-        .arg("-R")
+        .args(["-R", "--cow-min-size", "0"])
         .env("PDUMP_TEST_STALE_SMAPS", "1")
         .output()
         .unwrap();
@@ -278,7 +288,18 @@ fn cow_tree_with_pid_namespace_init_and_stopped_members() {
     // init itself; every member's own final check passes.
     let v = Victim::spawn("tree-preset", &["ns1"]);
     let dir = tempdir("cow-ns1");
-    let out = crate::util::dump_subtree(v.pid, &dir);
+    let root = v.pid.to_string();
+    let out = crate::util::pdump(&[
+        "dump",
+        "-t",
+        &root,
+        "-D",
+        dir.to_str().unwrap(),
+        "-R",
+        "--subtree",
+        "--cow-min-size",
+        "0",
+    ]);
     assert_ok(&out, "dump of ns1 with snapshots");
     let cp = Checkpoint::open(&dir).unwrap();
     cp.verify_pages().unwrap();
@@ -348,6 +369,8 @@ fn cow_dumper_killed_at_every_fault_point() {
             "-D",
             dir.to_str().unwrap(),
             "-R",
+            "--cow-min-size",
+            "0",
         ]);
         match kill_at {
             Some(n) => c.env("PDUMP_FAULT_KILL_AT", n.to_string()),
@@ -422,4 +445,63 @@ fn cow_dumper_killed_at_every_fault_point() {
     let _ = std::fs::remove_dir_all(&base);
     // Memory consistent, no SIGCHLD, wait() never saw a child.
     v.finish();
+}
+
+/// `-R` copies a process with less resident anonymous and shmem memory than
+/// `--cow-min-size` (default 1 MiB) while frozen, and drains the others
+/// from a copy-on-write snapshot; the summary says how many went through a
+/// snapshot. Every image holds the moment of its freeze, no snapshot is
+/// left, and the victims' own checks pass.
+#[test]
+fn cow_min_size_picks_a_frozen_copy_or_a_snapshot() {
+    root_or_skip!();
+    let resident = |pid: i32| -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        st.lines()
+            .filter(|l| l.starts_with("RssAnon:") || l.starts_with("RssShmem:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024)
+            .sum()
+    };
+    let base = tempdir("cow-min-size");
+    let run = |pid: i32, name: &str, min: Option<&str>| -> String {
+        let dir = base.join(name);
+        let pid_s = pid.to_string();
+        let mut args = vec!["dump", "-t", &pid_s, "-D", dir.to_str().unwrap(), "-R"];
+        if let Some(m) = min {
+            args.extend(["--cow-min-size", m]);
+        }
+        let out = pdump(&args);
+        assert_ok(&out, &format!("pdump {args:?}"));
+        assert_eq!(children(pid), vec![], "a snapshot was left");
+        Checkpoint::open(&dir).unwrap().verify_pages().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let snapshot = "left running (1 of the processes through copy-on-write snapshots)";
+
+    // The cow victim: 4 x 512 pages written (8 MiB), over the default.
+    let v = Victim::spawn("cow", &["512"]);
+    assert!(resident(v.pid) >= 1 << 20);
+    for (name, min, through_snapshot) in [
+        ("default", None, true),
+        ("all", Some("0"), true),
+        ("frozen", Some("1073741824"), false),
+    ] {
+        let out = run(v.pid, name, min);
+        assert_eq!(out.contains(snapshot), through_snapshot, "{name}: {out}");
+        assert!(out.contains("left running"), "{name}: {out}");
+        check_cow_image(&v, &base.join(name));
+    }
+    v.finish();
+
+    // A small process: the child of a two-process tree victim (a few
+    // hundred KiB), dumped alone.
+    let t = Victim::spawn("tree", &["p(p)"]);
+    let small = pdump::tree::collect(t.pid).unwrap().children_of(t.pid)[0];
+    assert!(resident(small) < 1 << 20, "the tree's members are small");
+    let out = run(small, "small", None);
+    assert!(!out.contains("copy-on-write"), "small: {out}");
+    let out = run(small, "small-all", Some("0"));
+    assert!(out.contains(snapshot), "small, --cow-min-size 0: {out}");
+    t.finish();
+    let _ = std::fs::remove_dir_all(&base);
 }

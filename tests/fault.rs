@@ -46,6 +46,10 @@ fn dump_cmd(pid: i32, dir: &std::path::Path) -> Command {
         "-D",
         dir.to_str().unwrap(),
         "-R",
+        // The copy-on-write path (fork, snapshot drain, reap) even for
+        // these small victims.
+        "--cow-min-size",
+        "0",
     ]);
     c
 }

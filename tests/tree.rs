@@ -11,7 +11,7 @@ use pdump::image::model::TaskState;
 use pdump::image::Checkpoint;
 
 use crate::root_or_skip;
-use crate::util::{assert_ok, dump_subtree, tempdir};
+use crate::util::{assert_ok, dump_subtree, pdump, tempdir};
 
 /// What /proc says of one task.
 #[derive(Debug, Clone, PartialEq)]
@@ -524,6 +524,19 @@ fn child_subreaper_is_recorded() {
 #[test]
 fn failed_tree_dump_releases_every_member_untouched() {
     root_or_skip!();
+    failed_tree_dump(true);
+}
+
+/// The same without `-R`: members already dumped keep their parasite until
+/// the dump succeeds (then they are killed with it); this one fails, so
+/// each is cured and released as it was, and none is killed.
+#[test]
+fn failed_kill_mode_tree_dump_cures_and_releases_every_member() {
+    root_or_skip!();
+    failed_tree_dump(false);
+}
+
+fn failed_tree_dump(leave_running: bool) {
     let script = "$V loop & $V threads 2 & python3 -c \"import socket,time,os; s=socket.socket(); \
                   print('READY', os.getpid(), s.fileno(), flush=True); time.sleep(1000)\" & wait";
     let tree = build(script, 3, 4, 0);
@@ -542,7 +555,19 @@ fn failed_tree_dump_releases_every_member_untouched() {
     };
     let state0: BTreeMap<i32, _> = before.keys().map(|&p| (p, snap(p))).collect();
     let dir = tempdir("failed-tree");
-    let out = dump_subtree(tree.root, &dir);
+    let out = if leave_running {
+        dump_subtree(tree.root, &dir)
+    } else {
+        let root = tree.root.to_string();
+        pdump(&[
+            "dump",
+            "-t",
+            &root,
+            "-D",
+            dir.to_str().unwrap(),
+            "--subtree",
+        ])
+    };
     assert!(
         !out.status.success(),
         "a tree with an inet socket was dumped"

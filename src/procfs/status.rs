@@ -54,6 +54,9 @@ pub struct Status {
     pub seccomp: u32,
     /// `Threads`: threads in the thread group.
     pub threads: u32,
+    /// `RssAnon` + `RssShmem` in bytes: the resident pages a dump may have
+    /// to write (None where the task has no mm: zombies, kernel threads).
+    pub rss_anon_shmem: Option<u64>,
 }
 
 /// Reads `/proc/PID/status`.
@@ -189,6 +192,14 @@ pub(crate) fn parse_status(pid: i32, path: &Path, text: &str) -> Result<Status> 
             "NoNewPrivs" => st.no_new_privs = num::<u32>(value).ok_or_else(|| bad("0 or 1"))? != 0,
             "Seccomp" => st.seccomp = num(value).ok_or_else(|| bad("a seccomp mode"))?,
             "Threads" => st.threads = num(value).ok_or_else(|| bad("a thread count"))?,
+            "RssAnon" | "RssShmem" => {
+                let kb: u64 = value
+                    .trim()
+                    .strip_suffix("kB")
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| bad("a size in kB"))?;
+                st.rss_anon_shmem = Some(st.rss_anon_shmem.unwrap_or(0) + kb * 1024);
+            }
             _ => {}
         }
     }
@@ -250,7 +261,8 @@ mod tests {
 
     const SAMPLE: &str = "Name:\ta b\\\\c\\nd\nUmask:\t0027\nState:\tS (sleeping)\nTgid:\t42\nNgid:\t0\n\
 Pid:\t43\nPPid:\t1\nTracerPid:\t7\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nFDSize:\t64\nGroups:\t10 20 \n\
-NStgid:\t42\t1\nNSpid:\t43\t2\nNSpgid:\t40\t1\nNSsid:\t40\t1\nThreads:\t3\nSigQ:\t0/1\n\
+NStgid:\t42\t1\nNSpid:\t43\t2\nNSpgid:\t40\t1\nNSsid:\t40\t1\nRssAnon:\t    1536 kB\n\
+RssFile:\t    9000 kB\nRssShmem:\t       8 kB\nThreads:\t3\nSigQ:\t0/1\n\
 SigPnd:\t0000000000000001\nShdPnd:\t0000000000000002\nSigBlk:\t0000000000010000\n\
 SigIgn:\t0000000000001000\nSigCgt:\t0000000180000000\nCapInh:\t0000000000000000\n\
 CapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n\
@@ -282,6 +294,7 @@ CapAmb:\t0000000000000003\nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n";
         assert!(st.no_new_privs);
         assert_eq!(st.seccomp, 2);
         assert_eq!(st.threads, 3);
+        assert_eq!(st.rss_anon_shmem, Some((1536 + 8) * 1024));
         let c = creds(&st);
         assert_eq!(c.uid, st.uid);
         assert_eq!(c.groups, vec![10, 20]);
@@ -315,6 +328,10 @@ CapAmb:\t0000000000000003\nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n";
         assert!(st.threads >= 1);
         assert_eq!(st.ns_pid.first(), Some(&me));
         assert!(st.umask.is_some());
+        assert!(
+            st.rss_anon_shmem.is_some_and(|b| b > 0),
+            "a running process has anonymous pages"
+        );
         // SAFETY: getuid has no preconditions.
         assert_eq!(st.uid[0], unsafe { libc::getuid() });
     }
