@@ -129,9 +129,14 @@ impl Drop for Victim {
     }
 }
 
-/// Allocate, touch and free `bytes` so the host hands the memory to us
-/// before timing.
+/// Write back dirty pages, then allocate, touch and free `bytes` so the
+/// host hands the memory to us before timing.
 fn warm(bytes: usize) {
+    // Write back every dirty page first: an earlier run's files (CRIU's
+    // image, kept until its restore) must not be flushed under this one,
+    // which would then meet the dirty limits early.
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
     let mut v = vec![0u8; bytes];
     for i in (0..bytes).step_by(4096) {
         v[i] = 1;

@@ -39,7 +39,8 @@ enum Cmd {
         /// and report each of them (default otherwise).
         #[arg(long)]
         subtree: bool,
-        /// Dump worker threads (default: one per CPU, at least 2).
+        /// Dump worker threads (default 0: four per CPU, at least 8; a
+        /// worker mostly waits for its tasks to run).
         #[arg(long, default_value_t = 0)]
         workers: usize,
         /// With --leave-running: keep the tree frozen while its pages are
