@@ -74,38 +74,46 @@ fn child_running(parent: i32, comm: &str) -> i32 {
 fn both_modes(root: i32, expect: &str, outside: i32) {
     let maps_before = std::fs::read_to_string(format!("/proc/{root}/maps")).unwrap();
     let dir = tempdir("leak");
-    let out = pdump(&[
-        "dump",
-        "-t",
-        &root.to_string(),
-        "-D",
-        dir.to_str().unwrap(),
-        "-R",
-        "--container",
-    ]);
-    assert!(
-        !out.status.success(),
-        "container mode accepted a leaking tree"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(expect),
-        "container refusal does not name {expect:?}: {err}"
-    );
-    assert!(
-        err.contains(&outside.to_string()),
-        "refusal does not name outside pid {outside}: {err}"
-    );
-    assert!(
-        !dir.join("inventory.img").exists(),
-        "a refused dump left an inventory"
-    );
-    assert_eq!(
-        std::fs::read_to_string(format!("/proc/{root}/maps")).unwrap(),
-        maps_before
-    );
-    let st = std::fs::read_to_string(format!("/proc/{root}/status")).unwrap();
-    assert!(st.contains("TracerPid:\t0"), "refused tree still traced");
+    // With -R (the check runs before any process is dumped) and in kill
+    // mode (it runs alongside the dumps, whose parasites are then cured):
+    // refused either way, and the tree is left running as it was.
+    for leave_running in [true, false] {
+        let root_s = root.to_string();
+        let mut args = vec!["dump", "-t", &root_s, "-D", dir.to_str().unwrap()];
+        if leave_running {
+            args.push("-R");
+        }
+        args.push("--container");
+        let out = pdump(&args);
+        assert!(
+            !out.status.success(),
+            "container mode accepted a leaking tree ({args:?})"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(expect),
+            "container refusal does not name {expect:?}: {err}"
+        );
+        assert!(
+            err.contains(&outside.to_string()),
+            "refusal does not name outside pid {outside}: {err}"
+        );
+        assert!(
+            !dir.join("inventory.img").exists(),
+            "a refused dump left an inventory"
+        );
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{root}/maps")).unwrap(),
+            maps_before,
+            "{args:?}"
+        );
+        let st = std::fs::read_to_string(format!("/proc/{root}/status")).unwrap();
+        assert!(st.contains("TracerPid:\t0"), "refused tree still traced");
+        assert!(
+            !st.contains("State:\tZ"),
+            "a refused kill-mode dump killed the tree"
+        );
+    }
 
     let out = dump_subtree(root, &dir);
     assert_ok(&out, "sub-tree dump");
@@ -144,6 +152,24 @@ fn leak_file_shared_with_a_process_outside_the_tree() {
     let outside = p.0.id() as i32;
     let root = child_running(outside, "sleep");
     both_modes(root, "/etc/passwd", outside);
+    // Sub-tree mode in kill mode (the check alongside the dumps): the same
+    // leak is reported, and the tree is killed.
+    let dir = tempdir("leak-kill");
+    let root_s = root.to_string();
+    let out = pdump(&[
+        "dump",
+        "-t",
+        &root_s,
+        "-D",
+        dir.to_str().unwrap(),
+        "--subtree",
+    ]);
+    assert_ok(&out, "kill-mode sub-tree dump");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("/etc/passwd"), "{summary}");
+    assert!(summary.contains("killed"), "{summary}");
+    let show = pdump(&["show", dir.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("/etc/passwd"));
 }
 
 /// The tree lives in its own `kind` namespace (unshare); an outside process
