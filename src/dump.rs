@@ -1024,7 +1024,8 @@ fn dump_one(
         ppid: stat.ppid,
         pgid: stat.pgrp,
         sid: stat.session,
-        comm: procfs::comm(pid, pid).unwrap_or_default(),
+        // The leader's (the first thread's) comm, read above.
+        comm: threads.first().map(|t| t.comm.clone()).unwrap_or_default(),
         exe: procfs::readlink_exe(pid)
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
@@ -1061,7 +1062,8 @@ fn dump_one(
 
     // Inside: the parasite.
     let inf = |step| move |source| DumpError::Infect { pid, step, source };
-    let mut parasite = Parasite::infect(seized).map_err(inf("infecting"))?;
+    let mut parasite =
+        Parasite::infect_taken(seized, snapshots[0].clone()).map_err(inf("infecting"))?;
     crate::cow::reap_leftovers(&mut parasite, pid).map_err(inf("reaping leftover snapshots"))?;
     let ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let misc = parasite.misc(&ids).map_err(inf("gathering signal state"))?;
@@ -1101,17 +1103,12 @@ fn dump_one(
         flags: misc.altstack[1] as i32,
         size: misc.altstack[2],
     };
-    let child_subreaper = {
-        const PR_GET_CHILD_SUBREAPER: u64 = 37;
-        let addr = parasite.data_addr();
-        let r = parasite
-            .syscall(
-                pdump_arch::native::syscall::nr::PRCTL,
-                &[PR_GET_CHILD_SUBREAPER, addr],
-            )
-            .map_err(inf("reading the child-subreaper flag"))?;
-        r == 0 && parasite.data_mut()[..4] != [0, 0, 0, 0]
-    };
+    // MISC also read the child-subreaper flag and the leader's
+    // clear_child_tid address (one round trip for all of it).
+    let child_subreaper = misc.subreaper_ret == 0 && misc.subreaper != 0;
+    if misc.tid_address_ret == 0 {
+        proc_img.threads[0].clear_tid = misc.tid_address;
+    }
     thread_altstacks(seized, &mut parasite, &snapshots, &mut proc_img)?;
 
     // Memory the kernel writes while the parasite (or the snapshot) runs:
@@ -1163,8 +1160,8 @@ fn dump_one(
     }
 }
 
-/// Query the `clear_child_tid` address of every thread, and the alternate
-/// signal stack of every thread but the blob's own (MISC has that one).
+/// Query the `clear_child_tid` address and the alternate signal stack of
+/// every thread but the blob's own (MISC has those).
 fn thread_altstacks(
     seized: &Seized,
     parasite: &mut Parasite<'_>,
@@ -1174,20 +1171,12 @@ fn thread_altstacks(
     const PR_GET_TID_ADDRESS: u64 = 40;
     let pid = seized.pid();
     let rem = |step| move |source| DumpError::Remote { pid, step, source };
-    let inf = |step| move |source| DumpError::Infect { pid, step, source };
     let prctl = pdump_arch::native::syscall::nr::PRCTL;
     let word = |p: &mut Parasite<'_>, off: usize| {
         let d = p.data_mut();
         u64::from_le_bytes(d[off..off + 8].try_into().expect("8 bytes"))
     };
     let addr = parasite.data_addr();
-    if parasite
-        .syscall(prctl, &[PR_GET_TID_ADDRESS, addr + 24])
-        .map_err(inf("prctl(PR_GET_TID_ADDRESS)"))?
-        == 0
-    {
-        img.threads[0].clear_tid = word(parasite, 24);
-    }
     if snapshots.len() < 2 {
         return Ok(());
     }

@@ -381,6 +381,17 @@ impl<'a> Parasite<'a> {
         Self::infect_with(seized, snapshot, &PARASITE)
     }
 
+    /// [`Parasite::infect`] with the leader's state already taken (nothing
+    /// has run in it since): saves reading its registers and xstate again.
+    pub(crate) fn infect_taken(seized: &'a Seized, leader: ThreadSnapshot) -> Result<Parasite<'a>> {
+        assert_eq!(
+            leader.tid,
+            seized.threads()[0].tid,
+            "not the leader's state"
+        );
+        Self::infect_with(seized, leader, &PARASITE)
+    }
+
     fn infect_with(
         seized: &'a Seized,
         snapshot: ThreadSnapshot,
@@ -587,11 +598,19 @@ impl<'a> Parasite<'a> {
         if let Some(g) = self.guard.take() {
             g.release();
         }
-        // Wait until the blob is past the guard: holding it again (FINI)
-        // before the blob saw it released would leave both waiting.
+        // Commands may be posted at once: the blob reads the doorbell once
+        // it serves. Only holding the guard again (FINI) must wait until
+        // the blob is past it (`past_guard`).
+        Ok(())
+    }
+
+    /// Wait until the blob is past the guard released by the handshake:
+    /// holding it again (FINI) before the blob saw it released would leave
+    /// both waiting.
+    fn past_guard(&self) -> Result<()> {
         self.wait_state(
             state::SERVING,
-            start,
+            Instant::now(),
             "blob cured itself during the handshake",
         )
     }
@@ -884,6 +903,7 @@ impl<'a> Parasite<'a> {
         if self.running {
             if self.cmd_w.is_some() {
                 if self.guard.is_none() {
+                    self.past_guard()?;
                     self.hold_guard();
                 }
                 let r = self.command(cmd::FINI, &[])?;

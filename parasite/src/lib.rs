@@ -33,7 +33,7 @@ pub mod restore;
 /// "PDPARAS1"
 pub const CTL_MAGIC: u64 = 0x3153_4152_4150_4450;
 /// Protocol version; the host refuses a blob of another version.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The comm (`/proc/PID/comm`) of a copy-on-write snapshot.
 pub const SNAPSHOT_COMM: &str = "pdump-snapshot";
@@ -267,6 +267,17 @@ pub struct Misc {
     pub timers: [TimerVal; MAX_TIMERS],
     /// `timer_getoverrun` results.
     pub timer_overrun: [i64; MAX_TIMERS],
+    /// `prctl(PR_GET_CHILD_SUBREAPER)`: its result (0 or -errno).
+    pub subreaper_ret: i64,
+    /// The child-subreaper flag it read.
+    pub subreaper: i32,
+    /// Padding.
+    pub _pad2: u32,
+    /// `prctl(PR_GET_TID_ADDRESS)` of the blob's thread (the leader): its
+    /// result (0 or -errno).
+    pub tid_address_ret: i64,
+    /// The leader's `clear_child_tid` address it read.
+    pub tid_address: u64,
 }
 
 /// Where each part of the area lives, computed identically on both sides.

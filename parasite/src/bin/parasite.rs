@@ -130,6 +130,19 @@ fn do_misc(ctl: &Control) -> i64 {
         }
         m.timer_overrun[i] = sys(nr::TIMER_GETOVERRUN, &[id]);
     }
+    // Two more answers the dumper needs from inside, in the same round trip.
+    const PR_GET_CHILD_SUBREAPER: u64 = 37;
+    const PR_GET_TID_ADDRESS: u64 = 40;
+    m.subreaper = 0;
+    m.subreaper_ret = sys(
+        nr::PRCTL,
+        &[PR_GET_CHILD_SUBREAPER, &mut m.subreaper as *mut i32 as u64],
+    );
+    m.tid_address = 0;
+    m.tid_address_ret = sys(
+        nr::PRCTL,
+        &[PR_GET_TID_ADDRESS, &mut m.tid_address as *mut u64 as u64],
+    );
     0
 }
 
