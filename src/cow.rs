@@ -642,7 +642,7 @@ fn spill(
     path: &Path,
     opts: &DumpOptions,
 ) -> Result<Option<Spill>, DumpError> {
-    let mut plan = crate::dump::page_plan(pid, pid, vmas, fork_unsafe, path)?;
+    let mut plan = crate::dump::page_plan(pid, pid, vmas, fork_unsafe)?;
     if plan.is_empty() {
         return Ok(None);
     }
@@ -749,7 +749,7 @@ fn drain_pages(
         .flags_pre_read
         .then(|| std::thread::spawn(move || procfs::smaps(from)));
     // The snapshot's own pages, and the spilled ones in their place.
-    let own = crate::dump::page_plan(pid, from, &img.vmas, |v| !fork_unsafe(v), &path)?;
+    let own = crate::dump::page_plan(pid, from, &img.vmas, |v| !fork_unsafe(v))?;
     let mut plan = pagestream::merge_plans(own, pagestream::plan_from_runs(&p.spilled));
     let sopts = crate::dump::stream_options(opts);
     if pagestream::scan_mode(&sopts) {

@@ -1244,7 +1244,7 @@ fn dump_pages(
     let img = |source| DumpError::Image { pid, source };
     let path = dir.join(image::pages_file_name(pid));
     let file = image::create_pages_file(dir, pid).map_err(img)?;
-    let mut plan = page_plan(pid, pid, vmas, |_| true, &path)?;
+    let mut plan = page_plan(pid, pid, vmas, |_| true)?;
     let sopts = stream_options(opts);
     if crate::pagestream::scan_mode(&sopts) {
         plan = crate::pagestream::guard_plan(plan, |i| vmas[i].shared, volatile);
@@ -1269,8 +1269,9 @@ pub(crate) fn stream_options(opts: &DumpOptions) -> crate::pagestream::StreamOpt
 /// The plan of process `pid`'s pages as process `from` holds them (the
 /// task itself, or its copy-on-write snapshot): every run of pages to dump
 /// of the mappings `want` selects, in address order ([`Src::Pipe`], or
-/// [`Src::Mem`] for mappings vmsplice cannot take). `path` names the page
-/// file in errors.
+/// [`Src::Mem`] for mappings vmsplice cannot take). One pagemap file
+/// serves every mapping: one PAGEMAP_SCAN walk for the mappings dumped
+/// whole, its entries for the anonymous copies of private file mappings.
 ///
 /// [`Src::Pipe`]: crate::pagestream::Src::Pipe
 /// [`Src::Mem`]: crate::pagestream::Src::Mem
@@ -1279,7 +1280,6 @@ pub(crate) fn page_plan(
     from: i32,
     vmas: &[model::Vma],
     want: impl Fn(&model::Vma) -> bool,
-    path: &Path,
 ) -> Result<Vec<crate::pagestream::PlanRun>> {
     use crate::pagestream::{PlanRun, Src};
     let prc = |step| move |source| DumpError::Proc { pid, step, source };
@@ -1306,15 +1306,9 @@ pub(crate) fn page_plan(
             continue;
         }
         let runs = match (policy(v), &all) {
-            (PagePolicy::AnonOnly, _) => {
-                anon_ranges(from, v.start, v.end).map_err(|source| DumpError::Pages {
-                    pid,
-                    start: v.start,
-                    end: v.end,
-                    path: path.to_path_buf(),
-                    source,
-                })?
-            }
+            (PagePolicy::AnonOnly, _) => pagemap
+                .anon_ranges(v.start, v.end)
+                .map_err(prc("reading pagemap"))?,
             (_, Some(all)) => clip_runs(all, &mut next_run, v.start, v.end),
             (_, None) => pagemap
                 .present_ranges(v.start, v.end)
@@ -1375,38 +1369,13 @@ fn clip_runs(runs: &[(u64, u64)], from: &mut usize, start: u64, end: u64) -> Vec
     out
 }
 
-/// Present pages of a private file mapping that are anonymous copies
-/// (written by the task), as runs: pagemap bit 63 (present) without bit 61
-/// (file page or shared anonymous).
-pub(crate) fn anon_ranges(pid: i32, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
-    let page = pdump_arch::PAGE_SIZE as u64;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut buf = vec![0u8; 8 * 4096];
-    let mut addr = start;
-    while addr < end {
-        let n = ((end - addr) / page).min(4096) as usize;
-        f.read_exact_at(&mut buf[..n * 8], addr / page * 8)?;
-        for i in 0..n {
-            let e = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            if e >> 63 & 1 == 1 && e >> 61 & 1 == 0 {
-                let a = addr + i as u64 * page;
-                match out.last_mut() {
-                    Some((s, c)) if *s + *c * page == a => *c += 1,
-                    _ => out.push((a, 1)),
-                }
-            }
-        }
-        addr += n as u64 * page;
-    }
-    Ok(out)
-}
-
-/// /proc/sys/fs/pipe-max-size (1 MiB if unreadable).
+/// /proc/sys/fs/pipe-max-size (1 MiB if unreadable), read once.
 pub(crate) fn pipe_max_size() -> usize {
-    std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1 << 20)
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    })
 }

@@ -65,6 +65,8 @@ const _: () = assert!(PAGEMAP_SCAN == 0xC060_6610);
 const PM_PRESENT: u64 = 1 << 63;
 /// Pagemap entry bit: page swapped out.
 const PM_SWAPPED: u64 = 1 << 62;
+/// Pagemap entry bit 61: the page is a file page or shared anonymous.
+const PM_FILE: u64 = 1 << 61;
 
 /// Regions asked from the kernel per `PAGEMAP_SCAN` call.
 const SCAN_VEC_LEN: usize = 1024;
@@ -229,9 +231,41 @@ impl Pagemap {
 
     /// Reads 8-byte entries for `[start, end)` (page-aligned).
     fn read_entries(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        self.entries_where(start, end, |e| e & (PM_PRESENT | PM_SWAPPED) != 0)
+    }
+
+    /// The anonymous pages of a private file mapping in `[start, end)`: its
+    /// pages the task wrote (copies), as runs. A present page counts when
+    /// it is not a file page (bit 61 clear); a swapped page always does (a
+    /// file page is dropped, never swapped).
+    pub fn anon_ranges(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        let page = page_size();
+        let start = start & !(page - 1);
+        let end = end
+            .checked_add(page - 1)
+            .map_or(!(page - 1), |e| e & !(page - 1));
+        if end <= start {
+            return Ok(Vec::new());
+        }
+        self.entries_where(start, end, |e| {
+            (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
+        })
+    }
+
+    /// The runs of pages of `[start, end)` (page-aligned) whose 8-byte
+    /// entry `keep` accepts.
+    fn entries_where(
+        &self,
+        start: u64,
+        end: u64,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<Vec<(u64, u64)>> {
         let page = page_size();
         let mut runs = Runs::default();
-        let mut buf = vec![0u8; READ_CHUNK_ENTRIES * 8];
+        // Sized to the range: most ranges are small, and a zeroed 512 KiB
+        // buffer per call cost more than reading them.
+        let cap = ((end - start) / page).min(READ_CHUNK_ENTRIES as u64) as usize;
+        let mut buf = vec![0u8; cap * 8];
         let mut addr = start;
         while addr < end {
             let npages = ((end - addr) / page).min(READ_CHUNK_ENTRIES as u64) as usize;
@@ -241,7 +275,7 @@ impl Pagemap {
             let entries = got / 8;
             for (i, e) in want[..entries * 8].chunks_exact(8).enumerate() {
                 let e = u64::from_ne_bytes(e.try_into().unwrap_or([0; 8]));
-                if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+                if keep(e) {
                     runs.push(addr + i as u64 * page, 1, page);
                 }
             }
@@ -387,6 +421,46 @@ mod tests {
         assert_eq!(a, vec![(start + page, 7), (start + 9 * page, 1)]);
         assert_eq!(a, b);
         assert!(present_ranges(me, start, start).unwrap().is_empty());
+    }
+
+    #[test]
+    fn anon_ranges_are_the_written_pages_of_a_private_file_mapping() {
+        use std::io::Write;
+        let page = page_size() as usize;
+        let path = std::env::temp_dir().join(format!("pdump-anon-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![7u8; 8 * page]).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: a fresh private mapping of a file we own; only it is touched.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let base = addr as *mut u8;
+        // Read pages 0 and 5 (file pages), write pages 2, 3 and 6 (copies).
+        // SAFETY: every page touched lies inside the 8-page mapping.
+        unsafe {
+            assert_eq!(base.read_volatile(), 7);
+            assert_eq!(base.add(5 * page).read_volatile(), 7);
+            for i in [2, 3, 6] {
+                base.add(i * page).write_volatile(1);
+            }
+        }
+        let start = addr as u64;
+        let pm = Pagemap::open(std::process::id() as i32).unwrap();
+        let runs = pm.anon_ranges(start, start + 8 * page as u64).unwrap();
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(addr, 8 * page) };
+        let _ = std::fs::remove_file(&path);
+        let p = page as u64;
+        assert_eq!(runs, vec![(start + 2 * p, 2), (start + 6 * p, 1)]);
     }
 
     #[test]
