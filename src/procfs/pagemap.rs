@@ -125,14 +125,9 @@ impl Pagemap {
     /// `(address, number of pages)`, in address order, adjacent runs merged.
     /// `start` and `end` are rounded out to pages.
     pub fn present_ranges(&mut self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
-        let page = page_size();
-        let start = start & !(page - 1);
-        let end = end
-            .checked_add(page - 1)
-            .map_or(!(page - 1), |e| e & !(page - 1));
-        if end <= start {
+        let Some((start, end)) = page_span(start, end) else {
             return Ok(Vec::new());
-        }
+        };
         if self.method == ScanMethod::Ioctl {
             match self.scan(start, end) {
                 Err(ProcError::PagemapScan { source, .. }) => match source.raw_os_error() {
@@ -239,14 +234,9 @@ impl Pagemap {
     /// it is not a file page (bit 61 clear); a swapped page always does (a
     /// file page is dropped, never swapped).
     pub fn anon_ranges(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
-        let page = page_size();
-        let start = start & !(page - 1);
-        let end = end
-            .checked_add(page - 1)
-            .map_or(!(page - 1), |e| e & !(page - 1));
-        if end <= start {
+        let Some((start, end)) = page_span(start, end) else {
             return Ok(Vec::new());
-        }
+        };
         self.entries_where(start, end, |e| {
             (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
         })
@@ -315,6 +305,16 @@ impl Pagemap {
 /// [`Pagemap`] for many.
 pub fn present_ranges(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
     Pagemap::open(pid)?.present_ranges(start, end)
+}
+
+/// `[start, end)` rounded out to whole pages; None when it holds no page.
+fn page_span(start: u64, end: u64) -> Option<(u64, u64)> {
+    let page = page_size();
+    let start = start & !(page - 1);
+    let end = end
+        .checked_add(page - 1)
+        .map_or(!(page - 1), |e| e & !(page - 1));
+    (end > start).then_some((start, end))
 }
 
 /// Runs of pages, merging a run that starts where the last one ended.
