@@ -8,6 +8,7 @@
 //! detach (loop ~46 points, 4 threads ~128, zmm ~50), through a copy-on-write
 //! snapshot and, for a small victim, copied while frozen.
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -57,26 +58,14 @@ fn dump_cmd(pid: i32, dir: &std::path::Path, cow_min_size: Option<&str>) -> Comm
     c
 }
 
-fn sessions(mode: &str, args: &[&str], cow_min_size: Option<&str>) {
-    let v = Victim::spawn(mode, args);
-    let fds_before = fd_table(v.pid);
-    let base = tempdir(&format!("fault-{mode}"));
-    // How many fault points does a whole dump pass?
-    let probe = dump_cmd(v.pid, &base.join("probe"), cow_min_size)
-        .env("PDUMP_FAULT_REPORT", "1")
-        .output()
-        .unwrap();
+/// Run `dump` with `PDUMP_FAULT_REPORT=1`: it must succeed; returns its
+/// output and the number of fault points it passed (more than 20).
+fn probe(mut dump: Command) -> (std::process::Output, u64) {
+    let probe = dump.env("PDUMP_FAULT_REPORT", "1").output().unwrap();
     assert!(
         probe.status.success(),
         "{}",
         String::from_utf8_lossy(&probe.stderr)
-    );
-    // The path the sessions take: a snapshot, or a copy while frozen.
-    let summary = String::from_utf8_lossy(&probe.stdout);
-    assert_eq!(
-        summary.contains("through copy-on-write snapshots"),
-        cow_min_size == Some("0"),
-        "{summary}"
     );
     let err = String::from_utf8_lossy(&probe.stderr);
     let total: u64 = err
@@ -85,20 +74,46 @@ fn sessions(mode: &str, args: &[&str], cow_min_size: Option<&str>) {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no fault point count in {err:?}"));
     assert!(total > 20, "only {total} fault points");
+    (probe, total)
+}
+
+/// Run `dump` SIGKILLed at fault point `at` of `total`: it must die of it
+/// (or have finished); `what` names the session in failures.
+fn killed_at(mut dump: Command, at: u64, total: u64, what: &str) {
+    let out = dump
+        .env("PDUMP_FAULT_KILL_AT", at.to_string())
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.signal() == Some(libc::SIGKILL) || out.status.success(),
+        "{what} (kill at {at}/{total}): {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sessions(mode: &str, args: &[&str], cow_min_size: Option<&str>) {
+    let v = Victim::spawn(mode, args);
+    let fds_before = fd_table(v.pid);
+    let base = tempdir(&format!("fault-{mode}"));
+    // How many fault points does a whole dump pass?
+    let (probe, total) = probe(dump_cmd(v.pid, &base.join("probe"), cow_min_size));
+    // The path the sessions take: a snapshot, or a copy while frozen.
+    let summary = String::from_utf8_lossy(&probe.stdout);
+    assert_eq!(
+        summary.contains("through copy-on-write snapshots"),
+        cow_min_size == Some("0"),
+        "{summary}"
+    );
     for i in 0..total {
         let at = i + 1;
         let dir = base.join(format!("d{i}"));
-        let out = dump_cmd(v.pid, &dir, cow_min_size)
-            .env("PDUMP_FAULT_KILL_AT", at.to_string())
-            .stdout(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert!(
-            out.status.signal() == Some(libc::SIGKILL) || out.status.success(),
-            "session {i} (kill at {at}/{total}): {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+        killed_at(
+            dump_cmd(v.pid, &dir, cow_min_size),
+            at,
+            total,
+            &format!("session {i}"),
         );
         for _ in 0..200 {
             if tracer_of(v.pid) == 0 {
@@ -178,40 +193,14 @@ fn kill_mode_dumper_killed_at_fault_points() {
         c
     };
     let v = Victim::spawn("threads", &["4"]);
-    let probe = dump(v.pid, &base.join("probe"))
-        .env("PDUMP_FAULT_REPORT", "1")
-        .output()
-        .unwrap();
-    assert!(
-        probe.status.success(),
-        "{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
+    let (_, total) = probe(dump(v.pid, &base.join("probe")));
     drop(v); // killed by the dump; reaped here
-    let err = String::from_utf8_lossy(&probe.stderr);
-    let total: u64 = err
-        .lines()
-        .find_map(|l| l.strip_prefix("fault points: "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no fault point count in {err:?}"));
-    assert!(total > 20, "only {total} fault points");
     let (mut survived, mut killed) = (0, 0);
     for at in 1..=total {
         let mut v = Victim::spawn("threads", &["4"]);
         let fds_before = fd_table(v.pid);
         let dir = base.join(format!("d{at}"));
-        let out = dump(v.pid, &dir)
-            .env("PDUMP_FAULT_KILL_AT", at.to_string())
-            .stdout(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert!(
-            out.status.signal() == Some(libc::SIGKILL) || out.status.success(),
-            "kill at {at}/{total}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        killed_at(dump(v.pid, &dir), at, total, "kill mode");
         // Dead (killed by the dump) or alive and untraced within a while.
         let mut alive = true;
         for _ in 0..500 {
