@@ -621,30 +621,58 @@ fn pre_read_smaps(
     // Test hook: pretend MADV_DONTFORK / MADV_WIPEONFORK were set after this
     // read (the check after the fork must catch it).
     let stale = std::env::var_os("PDUMP_TEST_STALE_SMAPS").is_some();
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let out = std::sync::Mutex::new(HashMap::new());
-    std::thread::scope(|sc| {
-        for _ in 0..workers.clamp(1, pids.len().max(1)) {
-            sc.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&pid) = pids.get(i) else { break };
-                if procfs::status(pid).is_ok_and(|st| small_process(&st, opts)) {
-                    continue; // dumped while frozen: smaps is read then
-                }
-                let Ok(mut vmas) = procfs::smaps(pid) else {
-                    continue;
-                };
-                if stale {
-                    for v in &mut vmas {
-                        v.vm_flags.remove(model::VmFlag::DontCopy);
-                        v.vm_flags.remove(model::VmFlag::WipeOnFork);
-                    }
-                }
-                out.lock().unwrap().insert(pid, vmas);
-            });
+    let _ = for_each_parallel(pids, workers, |&pid| {
+        if procfs::status(pid).is_ok_and(|st| small_process(&st, opts)) {
+            return Ok::<(), std::convert::Infallible>(()); // read while frozen
         }
+        let Ok(mut vmas) = procfs::smaps(pid) else {
+            return Ok(());
+        };
+        if stale {
+            for v in &mut vmas {
+                v.vm_flags.remove(model::VmFlag::DontCopy);
+                v.vm_flags.remove(model::VmFlag::WipeOnFork);
+            }
+        }
+        out.lock().unwrap().insert(pid, vmas);
+        Ok(())
     });
     out.into_inner().unwrap()
+}
+
+/// Run `f` on every item of `items` with up to `threads` threads (this one
+/// included) taking the next item as they finish one. After the first
+/// error no item is started; that error is returned.
+fn for_each_parallel<T: Sync, E: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> std::result::Result<(), E> + Sync,
+) -> std::result::Result<(), E> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let first_err = std::sync::Mutex::new(None);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(item) = items.get(i) else { break };
+        if let Err(e) = f(item) {
+            first_err
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
+            next.store(items.len(), Ordering::Relaxed);
+        }
+    };
+    std::thread::scope(|sc| {
+        for _ in 1..threads.clamp(1, items.len().max(1)) {
+            sc.spawn(work);
+        }
+        work();
+    });
+    match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// `pre_read`: with copy-on-write, read `smaps` before the freeze (see
@@ -728,32 +756,12 @@ fn dump_impl(root: i32, opts: &DumpOptions, single: bool, pre_read: bool) -> Res
 /// `workers` threads (a tree of small processes spends as long creating and
 /// writing their files as dumping them).
 fn write_images(dir: &Path, images: &[model::ProcessImage], workers: usize) -> Result<()> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    let first_err = std::sync::Mutex::new(None);
-    let work = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(img) = images.get(i) else { break };
-        if let Err(source) = image::write_process(dir, img) {
-            let mut e = first_err.lock().unwrap_or_else(|p| p.into_inner());
-            e.get_or_insert(DumpError::Image {
-                pid: img.pid,
-                source,
-            });
-            next.store(images.len(), Ordering::Relaxed);
-        }
-    };
-    let threads = workers.clamp(1, images.len().max(1));
-    std::thread::scope(|sc| {
-        for _ in 1..threads {
-            sc.spawn(work);
-        }
-        work();
-    });
-    match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    for_each_parallel(images, workers, |img| {
+        image::write_process(dir, img).map_err(|source| DumpError::Image {
+            pid: img.pid,
+            source,
+        })
+    })
 }
 
 /// The tree as captured while frozen, released again; with copy-on-write
